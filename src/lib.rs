@@ -1,0 +1,68 @@
+//! # guestmm
+//!
+//! Lazily populated guest-physical memory for KVM micro-VMs.
+//!
+//! A VMM embeds guestmm to own its guest's RAM. Memory is carved from one
+//! memfd by a page allocator ([`memfile::MemoryFile`]); an address space
+//! ([`mm`]) records what the guest-physical space maps (vmas), what is
+//! populated (pmas) and per-mapping protections; a guest touch of an
+//! unpopulated page makes KVM exit, and the exit becomes a fault that
+//! populates a window of pages and shows it to the guest through KVM memory
+//! slots ([`kvm`]).
+//!
+//! ## Layers
+//!
+//! Data flows one way, bottom up; no layer names one above it.
+//!
+//! ```text
+//!  range, perms, segment    half-open ranges; an ordered map of non-overlapping ranges
+//!        │
+//!  memfile                  one memfd: allocate / inc_ref / dec_ref / decommit / usage
+//!        │
+//!  mm                       vmas + protection ranges, pmas (COW aware), mappables,
+//!        │                  the fault path, host-side I/O, fork; talks to KVM only
+//!        │                  through the AddressSpaceBackend trait
+//!  kvm                      memslots (the backend), exit decoding, vCPU run loop
+//!        │
+//!  bin/tinyvmm              a small VMM that runs the guests in guest/
+//! ```
+//!
+//! ## Glossary
+//!
+//! - **vma** (virtual memory area): a guest-physical range mapped to one
+//!   thing: anonymous memory or a [`Mappable`](mm) at an offset, private or
+//!   shared, with maximum permissions and a name. Created by `map`, cut by
+//!   `unmap`.
+//! - **pma** (physical memory area): a populated guest-physical range and the
+//!   file pages that back it, with the permissions it is installed with and
+//!   whether a write must first copy it (copy-on-write).
+//! - **protection range**: a sub-range of a vma with its own current
+//!   permissions (Zircon's `MappingProtectionRanges`). Changing protections
+//!   never splits a vma.
+//! - **memslot**: a KVM `kvm_userspace_memory_region` that makes a host
+//!   virtual range visible to the guest at a guest-physical address.
+//!   guestmm registers only populated memory, so a touch of anything else
+//!   exits to userspace.
+//! - **fault-around**: a fault populates an aligned window around the
+//!   faulting address, not one page, because exits and slot updates cost far
+//!   more than allocating memory that is never touched.
+//!
+//! ## Lock order
+//!
+//! Locks are taken top to bottom; a thread holding one never waits for a lock
+//! above it.
+//!
+//! ```text
+//! AddressSpace.mapping        (vmas + protection ranges; RwLock: faults read, map/unmap/protect write)
+//!   └─ AddressSpace.active    (pmas + private page refcounts)
+//!        └─ kvm::SlotTable    (memslots, host VA reservation; taken inside backend calls)
+//!             └─ MemoryFile.inner  (allocation map, refcounts, internal mappings)
+//! ```
+#![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod perms;
+pub mod range;
+
+pub use perms::{Access, Perms};
+pub use range::{FileRange, GuestRange, Range, RangeError, PAGE_SIZE};
