@@ -63,6 +63,7 @@
 
 pub mod perms;
 pub mod range;
+pub mod segment;
 
 pub use perms::{Access, Perms};
 pub use range::{FileRange, GuestRange, Range, RangeError, PAGE_SIZE};
