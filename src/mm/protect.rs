@@ -243,7 +243,8 @@ impl ProtectionRanges {
     /// - `mapping` is the mapping's current range: non-empty, page aligned
     ///   (debug-asserted).
     ///
-    /// O(log n + k log n) for k nodes inside `range`.
+    /// O((1 + k) log n) for k nodes inside `range`; O(n) to protect the
+    /// whole mapping.
     pub fn update(
         &mut self,
         mapping: Range,
@@ -275,8 +276,14 @@ impl ProtectionRanges {
             on_old(region.range, region.perms);
         }
 
-        // Mutate. Drop every boundary in [start, end): the inside of
-        // `range` becomes one region.
+        // Mutate. The whole mapping: one region, no node.
+        if range == mapping {
+            self.first = perms;
+            self.rest.clear();
+            return Ok(());
+        }
+        // Drop every boundary in [start, end): the inside of `range` becomes
+        // one region.
         while let Some((&a, _)) = self.rest.range(start..end).next() {
             self.rest.remove(&a);
         }
@@ -312,7 +319,8 @@ impl ProtectionRanges {
     /// - `mapping.can_split_at(at)` and `at` is page aligned
     ///   (debug-asserted).
     ///
-    /// O(log n).
+    /// O(log n + s), s the node count of the smaller part (std's
+    /// `BTreeMap::split_off` counts it).
     pub fn split_at(&mut self, mapping: Range, at: u64) -> ProtectionRanges {
         self.debug_check_mapping(mapping);
         debug_assert!(
@@ -342,7 +350,7 @@ impl ProtectionRanges {
     /// - `mapping.can_split_at(new_base)` and `new_base` is page aligned
     ///   (debug-asserted).
     ///
-    /// O(log n).
+    /// O(log n + s), as for [`split_at`](Self::split_at).
     pub fn discard_below(&mut self, mapping: Range, new_base: u64) {
         self.debug_check_mapping(mapping);
         debug_assert!(
@@ -360,7 +368,7 @@ impl ProtectionRanges {
     /// - `mapping.can_split_at(new_end)` and `new_end` is page aligned
     ///   (debug-asserted).
     ///
-    /// O(log n).
+    /// O(log n + s), as for [`split_at`](Self::split_at).
     pub fn discard_above(&mut self, mapping: Range, new_end: u64) {
         self.debug_check_mapping(mapping);
         debug_assert!(
@@ -514,4 +522,41 @@ impl Iterator for Regions<'_> {
 /// The permissions in either set.
 fn union(a: Perms, b: Perms) -> Perms {
     Perms::new(a.read || b.read, a.write || b.write, a.execute || b.execute)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::range::PAGE_SIZE;
+
+    /// States that no public method can build, to see that
+    /// `check_invariants` names each violation.
+    #[test]
+    fn check_invariants_names_each_violation() {
+        let m = Range::new(0x10_000, 0x10_000 + 4 * PAGE_SIZE).unwrap();
+        let with = |nodes: &[(u64, Perms)]| ProtectionRanges {
+            first: Perms::READ,
+            rest: nodes.iter().copied().collect(),
+        };
+        let cases = [
+            (with(&[(0x10_000, Perms::ALL)]), "not strictly inside"),
+            (with(&[(0x14_000, Perms::ALL)]), "not strictly inside"),
+            (with(&[(0x20_000, Perms::ALL)]), "not strictly inside"),
+            (with(&[(0x11_800, Perms::ALL)]), "not page aligned"),
+            (with(&[(0x11_000, Perms::READ)]), "not minimal"),
+            (
+                with(&[(0x11_000, Perms::ALL), (0x12_000, Perms::ALL)]),
+                "not minimal",
+            ),
+        ];
+        for (pr, want) in cases {
+            let got = pr.check_invariants(m);
+            assert!(
+                matches!(&got, Err(e) if e.contains(want)),
+                "{pr:?}: got {got:?} want an error containing {want:?}"
+            );
+        }
+        let ok = with(&[(0x11_000, Perms::ALL), (0x13_000, Perms::READ)]);
+        assert_eq!(ok.check_invariants(m), Ok(()));
+    }
 }
