@@ -1,0 +1,3 @@
+//! The memory manager: address spaces, vmas, pmas, faults.
+
+pub mod protect;
