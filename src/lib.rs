@@ -61,6 +61,7 @@
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod memfile;
 pub mod perms;
 pub mod range;
 pub mod segment;
