@@ -264,7 +264,8 @@ fn bad_requests_fail_with_their_error_and_change_nothing() {
     let partly = pages(3, 2); // page 4 was freed
 
     type Op<'a> = Box<dyn Fn(&MemoryFile) -> Result<(), MemoryFileError> + 'a>;
-    let table: Vec<(&str, Op, fn(&MemoryFileError) -> bool)> = vec![
+    type Want = fn(&MemoryFileError) -> bool;
+    let table: Vec<(&str, Op, Want)> = vec![
         (
             "zero length",
             Box::new(|f| f.allocate(0, MemoryKind::Anonymous).map(drop)),
