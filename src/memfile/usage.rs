@@ -1,0 +1,206 @@
+//! What the allocator knows about each allocated page (kind and reference
+//! count), and committed-memory accounting with `mincore`.
+//!
+//! # Accounting
+//!
+//! A page is *committed* when the memfd has a page of memory behind it: the
+//! page was written (or read-faulted, which allocates a page for shmem)
+//! through any mapping of the file. [`MemoryFile::usage`] finds committed
+//! pages by calling `mincore` over the internal mapping of every chunk that
+//! holds an allocation. Because the internal mappings are `MAP_SHARED`, the
+//! kernel answers from the file's page cache, so pages touched only through
+//! another mapping of [`MemoryFile::fd`] (the KVM layer's) count too.
+//!
+//! A scan costs one `mincore` per chunk plus a walk over the allocated
+//! segments, so it is elided (filemem's trick) when nothing can have
+//! changed: no allocation, decommit or free happened since the last scan and
+//! the file's `st_blocks` is the same. Pages can only become committed by
+//! someone writing, which raises `st_blocks`; they can only stop being
+//! committed through this type (decommit, free), which marks the cache
+//! stale. A hole punched in the fd behind our back without changing
+//! `st_blocks` net is not noticed until the next change.
+
+use std::ops::Range as StdRange;
+use std::os::fd::AsFd;
+
+use super::{Inner, MemoryFile, MemoryFileError};
+use crate::range::{Range, PAGE_SIZE};
+use crate::segment::SegmentValue;
+
+/// What an allocation is used for; committed memory is accounted per kind.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum MemoryKind {
+    /// Private guest memory (anonymous mappings, COW copies).
+    Anonymous,
+    /// Memory shared between address spaces (shared memory objects).
+    Shared,
+    /// Memory the VMM uses for itself (guest page tables, descriptors).
+    System,
+    /// Anything else.
+    Other,
+}
+
+impl MemoryKind {
+    /// Every kind, in [`index`](Self::index) order.
+    pub const ALL: [MemoryKind; 4] = [
+        MemoryKind::Anonymous,
+        MemoryKind::Shared,
+        MemoryKind::System,
+        MemoryKind::Other,
+    ];
+
+    /// Position of the kind in [`ALL`](Self::ALL).
+    pub const fn index(self) -> usize {
+        match self {
+            MemoryKind::Anonymous => 0,
+            MemoryKind::Shared => 1,
+            MemoryKind::System => 2,
+            MemoryKind::Other => 3,
+        }
+    }
+}
+
+/// The value of an allocated segment: its kind and the reference count of
+/// every page in it.
+///
+/// Invariant (checked by [`MemoryFile::check_invariants`]): `refs >= 1`;
+/// a page whose count reaches zero leaves the set at once.
+///
+/// Maintenance note: a new field must be compared in `merge` and copied in
+/// `split`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) struct PageInfo {
+    pub(super) kind: MemoryKind,
+    pub(super) refs: u64,
+}
+
+impl SegmentValue for PageInfo {
+    fn merge(&self, _left: Range, right_value: &Self, _right: Range) -> Option<Self> {
+        (self == right_value).then_some(*self)
+    }
+
+    fn split(&self, _range: Range, _at: u64) -> (Self, Self) {
+        (*self, *self)
+    }
+}
+
+/// A snapshot of the memory file's size and committed memory.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Usage {
+    committed: [u64; 4],
+    /// Bytes of memory the file holds according to `fstat`
+    /// (`st_blocks * 512`), allocated or not.
+    pub total_file_blocks_bytes: u64,
+    /// The file's size in bytes.
+    pub file_size: u64,
+    /// Bytes currently allocated (reference count at least one).
+    pub allocated_bytes: u64,
+}
+
+impl Usage {
+    /// Committed bytes of allocations of `kind`.
+    pub const fn committed(&self, kind: MemoryKind) -> u64 {
+        self.committed[kind.index()]
+    }
+
+    /// Committed bytes of every kind.
+    pub fn total_committed(&self) -> u64 {
+        self.committed.iter().sum()
+    }
+}
+
+/// The last scan's result and what is needed to decide whether it is stale.
+#[derive(Debug, Default)]
+pub(super) struct UsageCache {
+    /// Committed bytes per kind found by the last scan.
+    committed: [u64; 4],
+    /// `st_blocks` when the last scan started.
+    blocks: u64,
+    /// False until the first scan, and after any allocate, decommit or free.
+    valid: bool,
+}
+
+impl UsageCache {
+    /// Marks the cached result stale: allocation state or commitment changed.
+    pub(super) fn invalidate(&mut self) {
+        self.valid = false;
+    }
+}
+
+impl MemoryFile {
+    /// Committed bytes per [`MemoryKind`], plus the file's size, the bytes it
+    /// holds (`fstat`) and the bytes allocated.
+    ///
+    /// Scans with `mincore` unless nothing changed since the last scan (see
+    /// the module docs); takes `inner` for the scan.
+    pub fn usage(&self) -> Result<Usage, MemoryFileError> {
+        let mut inner = self.lock();
+        let (_, blocks) =
+            super::sys::fstat(self.fd.as_fd()).map_err(|source| MemoryFileError::Syscall {
+                syscall: "fstat",
+                source,
+            })?;
+        if !inner.cache.valid || inner.cache.blocks != blocks {
+            let committed = self.scan_locked(&mut inner)?;
+            inner.cache = UsageCache {
+                committed,
+                blocks,
+                valid: true,
+            };
+        } else {
+            inner.stats_scans_elided += 1;
+        }
+        Ok(Usage {
+            committed: inner.cache.committed,
+            total_file_blocks_bytes: blocks * 512,
+            file_size: inner.file_size,
+            allocated_bytes: inner.allocated,
+        })
+    }
+
+    /// Counts committed bytes of every allocated segment, per kind.
+    ///
+    /// # Preconditions
+    /// - `inner` is this file's locked state.
+    fn scan_locked(&self, inner: &mut Inner) -> Result<[u64; 4], MemoryFileError> {
+        let mut committed = [0u64; 4];
+        let Some((last, _)) = inner.usage.last_segment() else {
+            return Ok(committed);
+        };
+        // Map every chunk that may hold an allocation first, so the walk
+        // below only reads `inner`.
+        self.map_chunks_locked(inner, Range::new_unchecked(0, last.end()))?;
+        inner.stats_scans += 1;
+
+        let chunk_size = self.chunk_size;
+        let mut bits = Vec::new();
+        let mut bits_chunk: Option<u64> = None;
+        for (r, info) in inner.usage.iter() {
+            let mut at = r.start();
+            while at < r.end() {
+                let chunk = at / chunk_size;
+                let chunk_start = chunk * chunk_size;
+                let piece_end = r.end().min(chunk_start + chunk_size);
+                if bits_chunk != Some(chunk) {
+                    let addr = inner.chunks[chunk as usize]
+                        .as_ref()
+                        .expect("chunk mapped above")
+                        .addr();
+                    super::sys::mincore(addr, chunk_size as usize, &mut bits).map_err(
+                        |source| MemoryFileError::Syscall {
+                            syscall: "mincore",
+                            source,
+                        },
+                    )?;
+                    bits_chunk = Some(chunk);
+                }
+                let pages: StdRange<usize> = ((at - chunk_start) / PAGE_SIZE) as usize
+                    ..((piece_end - chunk_start) / PAGE_SIZE) as usize;
+                let resident = bits[pages].iter().filter(|&&b| b & 1 != 0).count() as u64;
+                committed[info.kind.index()] += resident * PAGE_SIZE;
+                at = piece_end;
+            }
+        }
+        Ok(committed)
+    }
+}
