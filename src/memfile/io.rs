@@ -20,10 +20,10 @@
 //! be punched out or handed to another allocation under its feet.
 
 use std::marker::PhantomData;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::ptr::NonNull;
 
-use super::{Inner, MemoryFile, MemoryFileError};
+use super::{sys, Inner, MemoryFile, MemoryFileError};
 use crate::perms::Access;
 use crate::range::{FileRange, Range};
 
@@ -61,7 +61,66 @@ impl Chunk {
 pub struct HostSlice<'a> {
     ptr: NonNull<u8>,
     len: usize,
-    _file: PhantomData<&'a MemoryFile>,
+    _mapping: PhantomData<&'a ()>,
+}
+
+/// A whole host file mapped shared into the VMM for host-side copies (used by
+/// the mm layer's `HostFile`); unmapped on drop.
+///
+/// Invariant: `addr` is a live `MAP_SHARED` mapping of `len` bytes made by
+/// `sys::mmap_shared_prot`, read-write if `writable`, owned by this value.
+#[derive(Debug)]
+pub struct HostMapping {
+    addr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; it is only
+// reached through racy raw copies (module docs), so moving or sharing the
+// address across threads is sound.
+unsafe impl Send for HostMapping {}
+// SAFETY: as for Send.
+unsafe impl Sync for HostMapping {}
+
+impl HostMapping {
+    /// Maps the first `len` bytes of `fd`, read-write if `writable`.
+    pub fn new(fd: BorrowedFd<'_>, len: u64, writable: bool) -> std::io::Result<HostMapping> {
+        let len = usize::try_from(len).map_err(std::io::Error::other)?;
+        let addr = sys::mmap_shared_prot(fd, 0, len, writable)?;
+        Ok(HostMapping {
+            addr,
+            len,
+            writable,
+        })
+    }
+
+    /// The slice of `len` bytes at `offset`, or `None` if it does not fit
+    /// or `write` is asked of a read-only mapping.
+    pub fn slice(&self, offset: u64, len: usize, write: bool) -> Option<HostSlice<'_>> {
+        let end = (offset as usize).checked_add(len)?;
+        if end > self.len || (write && !self.writable) {
+            return None;
+        }
+        // SAFETY: `offset + len <= self.len`, so the result stays inside the
+        // mapping (type invariant).
+        let ptr = unsafe { self.addr.add(offset as usize) };
+        Some(HostSlice {
+            ptr,
+            len,
+            _mapping: PhantomData,
+        })
+    }
+}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is ours (type invariant) and no HostSlice
+        // outlives `self` (their lifetime borrows it).
+        if let Err(e) = unsafe { sys::munmap(self.addr, self.len) } {
+            log::error!("munmap of a host file mapping failed: {e}");
+        }
+    }
 }
 
 impl<'a> HostSlice<'a> {
@@ -289,7 +348,7 @@ impl MemoryFile {
             out.push(HostSlice {
                 ptr,
                 len: piece.len() as usize,
-                _file: PhantomData,
+                _mapping: PhantomData,
             });
         }
         Ok(out)

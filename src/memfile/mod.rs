@@ -44,7 +44,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use crate::range::{align_up, FileRange, Range, RangeError, HUGE_PAGE_SIZE, PAGE_SIZE};
 use crate::segment::SegmentSet;
 
-pub use io::HostSlice;
+pub use io::{HostMapping, HostSlice};
 pub use usage::{MemoryKind, Usage};
 
 use io::Chunk;
@@ -388,6 +388,12 @@ impl MemoryFile {
     /// is free.
     pub fn refs(&self, offset: u64) -> Option<u64> {
         self.lock().usage.find_segment(offset).map(|(_, v)| v.refs)
+    }
+
+    /// Every allocated run with its reference count, in offset order (for
+    /// cross-layer reference audits).
+    pub fn ref_counts(&self) -> Vec<(FileRange, u64)> {
+        self.lock().usage.iter().map(|(r, v)| (r, v.refs)).collect()
     }
 
     /// The kind of the allocation containing `offset`, or `None` if free.

@@ -91,6 +91,21 @@ pub(super) fn fstat(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
 ///
 /// The mapping lives until [`munmap`]; nothing in Rust owns it.
 pub(super) fn mmap_shared(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<NonNull<u8>> {
+    mmap_shared_prot(fd, offset, len, true)
+}
+
+/// Like [`mmap_shared`], read-only unless `writable`.
+pub(super) fn mmap_shared_prot(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    len: usize,
+    writable: bool,
+) -> io::Result<NonNull<u8>> {
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
     let off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
     // SAFETY: with a null hint and no MAP_FIXED the kernel picks fresh
     // address space, so no existing mapping or Rust object is affected.
@@ -98,7 +113,7 @@ pub(super) fn mmap_shared(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Re
         libc::mmap(
             std::ptr::null_mut(),
             len,
-            libc::PROT_READ | libc::PROT_WRITE,
+            prot,
             libc::MAP_SHARED,
             fd.as_raw_fd(),
             off,

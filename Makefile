@@ -1,0 +1,27 @@
+# guestmm: `make run` runs the test guests, `make test` runs every test.
+CARGO ?= cargo
+
+.PHONY: all run test bench lint guests clean
+
+all: test
+
+## Build the test guests (build.rs assembles guest/*.S) and tinyvmm, run them all.
+run:
+	$(CARGO) run --release --example embed
+
+## Every test: unit, property, memfile, mm, and KVM tests (skipped with one line without /dev/kvm).
+test:
+	$(CARGO) test --all-targets --no-fail-fast
+	$(CARGO) test --doc
+
+## Criterion benches and the side-by-side comparison runner.
+bench:
+	$(CARGO) bench
+
+## Formatting and clippy, warnings are errors.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

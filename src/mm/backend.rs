@@ -1,0 +1,254 @@
+//! The platform side of an address space: what makes populated memory
+//! visible to the guest (the seeds' platform `AddressSpace`; "host VMAs serve
+//! as PTEs"). The KVM implementation is `kvm::SlotTable`; this module also
+//! ships [`RecordingBackend`] for tests and [`NoopBackend`] for benchmarks.
+
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::Mutex;
+
+use crate::range::{GuestRange, Range};
+use crate::segment::{SegmentSet, SegmentValue};
+
+/// Errors a backend reports; the fault path passes them to its caller.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Every memory slot is in use.
+    #[error("out of memory slots: all {limit} are in use")]
+    OutOfSlots {
+        /// The configured or host slot limit.
+        limit: usize,
+    },
+    /// The range cannot be installed (outside the backend's reservation).
+    #[error("range {range} is outside the backend's guest-physical reservation {limit:#x}")]
+    OutOfRange {
+        /// The offending range.
+        range: GuestRange,
+        /// End of the reservation.
+        limit: u64,
+    },
+    /// A host call failed.
+    #[error("{op} failed: {source}")]
+    Host {
+        /// The operation (e.g. `KVM_SET_USER_MEMORY_REGION`, `mmap`).
+        op: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A failure injected by a test backend.
+    #[error("injected failure: {0}")]
+    Injected(&'static str),
+}
+
+/// Makes installed memory visible to the guest.
+///
+/// guestmm calls these with its `active` lock held (lock order: mapping →
+/// active → backend), so implementations must not call back into the
+/// address space.
+///
+/// Every range is non-empty and page aligned.
+pub trait AddressSpaceBackend: Send + Sync {
+    /// Makes `range` show the pages of `fd` starting at `file_offset`,
+    /// writable or read-only, replacing whatever was installed there.
+    fn install(
+        &self,
+        range: GuestRange,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        writable: bool,
+    ) -> Result<(), BackendError>;
+
+    /// Makes `range` invisible: guest accesses there exit. Parts of `range`
+    /// with nothing installed are ignored.
+    fn remove(&self, range: GuestRange) -> Result<(), BackendError>;
+
+    /// Makes what is installed in `range` read-only. Parts with nothing
+    /// installed are ignored.
+    fn write_protect(&self, range: GuestRange) -> Result<(), BackendError>;
+}
+
+/// A backend that does nothing (benchmarks of the mm core alone).
+#[derive(Debug, Default)]
+pub struct NoopBackend;
+
+impl AddressSpaceBackend for NoopBackend {
+    fn install(
+        &self,
+        _: GuestRange,
+        _: BorrowedFd<'_>,
+        _: u64,
+        _: bool,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn remove(&self, _: GuestRange) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn write_protect(&self, _: GuestRange) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+/// One call that reached a [`RecordingBackend`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendCall {
+    /// [`AddressSpaceBackend::install`].
+    Install {
+        /// Guest range.
+        range: GuestRange,
+        /// The fd's number (identifies the file).
+        fd: RawFd,
+        /// File offset of `range.start()`.
+        file_offset: u64,
+        /// Installed writable.
+        writable: bool,
+    },
+    /// [`AddressSpaceBackend::remove`].
+    Remove {
+        /// Guest range.
+        range: GuestRange,
+    },
+    /// [`AddressSpaceBackend::write_protect`].
+    WriteProtect {
+        /// Guest range.
+        range: GuestRange,
+    },
+}
+
+/// What a [`RecordingBackend`] has installed over one extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Installed {
+    /// The fd number of the file.
+    pub fd: RawFd,
+    /// File offset at the extent's start.
+    pub file_offset: u64,
+    /// Writable or read-only.
+    pub writable: bool,
+}
+
+impl SegmentValue for Installed {
+    fn merge(&self, left: Range, right_value: &Self, _right: Range) -> Option<Self> {
+        (self.fd == right_value.fd
+            && self.writable == right_value.writable
+            && self.file_offset + left.len() == right_value.file_offset)
+            .then_some(*self)
+    }
+    fn split(&self, range: Range, at: u64) -> (Self, Self) {
+        let right = Installed {
+            file_offset: self.file_offset + (at - range.start()),
+            ..*self
+        };
+        (*self, right)
+    }
+}
+
+#[derive(Default)]
+struct Recording {
+    calls: Vec<BackendCall>,
+    installed: SegmentSet<Installed>,
+    fail_installs_after: Option<usize>,
+}
+
+/// A backend that records every call and keeps a model of what is
+/// installed, so tests can assert exactly what would reach KVM.
+#[derive(Default)]
+pub struct RecordingBackend {
+    state: Mutex<Recording>,
+}
+
+impl RecordingBackend {
+    /// A backend with nothing recorded.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every call so far, in order.
+    pub fn calls(&self) -> Vec<BackendCall> {
+        self.lock().calls.clone()
+    }
+
+    /// Forgets the recorded calls (the installed model stays).
+    pub fn clear_calls(&self) {
+        self.lock().calls.clear();
+    }
+
+    /// What is installed now, as maximal extents.
+    pub fn installed(&self) -> Vec<(GuestRange, Installed)> {
+        self.lock().installed.iter().map(|(r, v)| (r, *v)).collect()
+    }
+
+    /// What is installed at `gpa`.
+    pub fn installed_at(&self, gpa: u64) -> Option<(GuestRange, Installed)> {
+        self.lock()
+            .installed
+            .find_segment(gpa)
+            .map(|(r, v)| (r, *v))
+    }
+
+    /// Makes installs fail with [`BackendError::Injected`] once `n` more
+    /// have succeeded (`None` lifts the limit).
+    pub fn fail_installs_after(&self, n: Option<usize>) {
+        self.lock().fail_installs_after = n;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recording> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl AddressSpaceBackend for RecordingBackend {
+    fn install(
+        &self,
+        range: GuestRange,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        writable: bool,
+    ) -> Result<(), BackendError> {
+        let mut s = self.lock();
+        match s.fail_installs_after {
+            Some(0) => return Err(BackendError::Injected("install refused by test")),
+            Some(n) => s.fail_installs_after = Some(n - 1),
+            None => {}
+        }
+        let fd = fd.as_raw_fd();
+        s.calls.push(BackendCall::Install {
+            range,
+            fd,
+            file_offset,
+            writable,
+        });
+        s.installed.remove_range(range);
+        s.installed
+            .insert(
+                range,
+                Installed {
+                    fd,
+                    file_offset,
+                    writable,
+                },
+            )
+            .expect("range was just cleared");
+        Ok(())
+    }
+
+    fn remove(&self, range: GuestRange) -> Result<(), BackendError> {
+        let mut s = self.lock();
+        s.calls.push(BackendCall::Remove { range });
+        s.installed.remove_range(range);
+        Ok(())
+    }
+
+    fn write_protect(&self, range: GuestRange) -> Result<(), BackendError> {
+        let mut s = self.lock();
+        s.calls.push(BackendCall::WriteProtect { range });
+        // The range may have holes; protect each installed piece.
+        let pieces: Vec<GuestRange> = s.installed.iter_range(range).map(|(r, _)| r).collect();
+        for piece in pieces {
+            let part = piece.intersect(range);
+            s.installed
+                .apply_contiguous(part, |_, v| v.writable = false)
+                .expect("piece is covered");
+        }
+        s.installed.merge_range(range);
+        Ok(())
+    }
+}

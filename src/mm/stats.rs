@@ -1,0 +1,119 @@
+//! Observability: a `/proc/pid/maps`-like listing and counters.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+
+use super::AddressSpace;
+use crate::perms::Perms;
+use crate::range::GuestRange;
+
+/// One line of [`AddressSpace::maps`]: a vma, or one protection region of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapsEntry {
+    /// Guest-physical range.
+    pub range: GuestRange,
+    /// Current permissions.
+    pub perms: Perms,
+    /// Private (copy-on-write) or shared.
+    pub private: bool,
+    /// Object offset of `range.start()` (0 for anonymous memory).
+    pub offset: u64,
+    /// The vma's name.
+    pub name: String,
+}
+
+impl fmt::Display for MapsEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:012x}-{:012x} {}{} {:08x} {}",
+            self.range.start(),
+            self.range.end(),
+            self.perms,
+            if self.private { 'p' } else { 's' },
+            self.offset,
+            self.name
+        )
+    }
+}
+
+/// A snapshot of an address space's sizes and counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Number of vmas.
+    pub vmas: usize,
+    /// Number of pmas.
+    pub pmas: usize,
+    /// Bytes covered by vmas.
+    pub mapped_bytes: u64,
+    /// Bytes covered by pmas (populated).
+    pub populated_bytes: u64,
+    /// Bytes of populated private pages (this space's own memory, possibly
+    /// shared copy-on-write with forks).
+    pub private_bytes: u64,
+    /// Faults handled (including refused ones).
+    pub faults: u64,
+    /// Fault-around windows installed.
+    pub windows: u64,
+    /// Bytes that got pmas over the space's life.
+    pub populated_total: u64,
+    /// Copy-on-write breaks that copied.
+    pub cow_copies: u64,
+    /// Bytes copied by those.
+    pub cow_copied_bytes: u64,
+    /// Copy-on-write breaks resolved by taking the pages over.
+    pub cow_takeovers: u64,
+    /// Backend install calls.
+    pub installs: u64,
+}
+
+impl AddressSpace {
+    /// One entry per protection region of every vma, in address order.
+    pub fn maps(&self) -> Vec<MapsEntry> {
+        let mapping = self.read_mapping();
+        let mut out = Vec::new();
+        for (vr, vma) in mapping.vmas.iter() {
+            for region in vma.protection.regions(vr, vr) {
+                out.push(MapsEntry {
+                    range: region.range,
+                    perms: region.perms,
+                    private: vma.private,
+                    offset: if vma.mappable.is_some() {
+                        vma.object_offset(vr, region.range.start())
+                    } else {
+                        0
+                    },
+                    name: vma.name.to_string(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Sizes and counters.
+    pub fn stats(&self) -> Stats {
+        let mapping = self.read_mapping();
+        let active = self.lock_active();
+        let c = &self.counters;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            vmas: mapping.vmas.len(),
+            pmas: active.pmas.len(),
+            mapped_bytes: mapping.vmas.span(),
+            populated_bytes: active.pmas.span(),
+            private_bytes: active
+                .pmas
+                .iter()
+                .filter(|(_, p)| p.private)
+                .map(|(r, _)| r.len())
+                .sum(),
+            faults: load(&c.faults),
+            windows: load(&c.windows),
+            populated_total: load(&c.populated_bytes),
+            cow_copies: load(&c.cow_copies),
+            cow_copied_bytes: load(&c.cow_copied_bytes),
+            cow_takeovers: load(&c.cow_takeovers),
+            installs: load(&c.installs),
+        }
+    }
+}
