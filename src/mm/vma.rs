@@ -380,6 +380,21 @@ impl AddressSpace {
         Ok(())
     }
 
+    /// Drops the populated pages of `[gpa, gpa + len)` (`MADV_DONTNEED`):
+    /// private anonymous memory reads as zeros next time, shared mappings
+    /// lose their pmas but the object keeps its data. The whole range must be
+    /// mapped (else nothing changes).
+    pub fn decommit(&self, gpa: u64, len: u64) -> Result<(), MmError> {
+        let range = Range::pages(gpa, len)?;
+        self.check_in_space(range)?;
+        let mapping = self.read_mapping();
+        if let Some(gap) = mapping.vmas.gaps(range).next() {
+            return Err(MmError::NotMapped { range, gap });
+        }
+        let mut active = self.lock_active();
+        self.invalidate_locked(&mut active, range, true)
+    }
+
     /// Sets the permissions of `range`, which may span several vmas.
     ///
     /// Errors (nothing changes): bad range; part of it unmapped; `perms`
