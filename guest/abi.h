@@ -9,7 +9,9 @@
  *   rsp = top of this vCPU's 64 KiB stack minus 8
  * Memory is identity-mapped (virtual == guest-physical) with 2 MiB pages.
  *
- * Hypercalls are `out imm8, reg` (immediate port, so rdx is free):
+ * Hypercalls are `out imm8, reg` (immediate port, so rdx is free); allowed
+ * at CPL3 by IOPL=3 and by the TSS I/O bitmap (PVM hosts emulate `out` and
+ * consult the bitmap):
  *   CONSOLE  out 0x10, al    one byte
  *   EXIT     out 0x11, eax   0 = pass, else number of the failed check
  *   MARK     out 0x12, eax   phase marker

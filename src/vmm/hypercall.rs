@@ -1,7 +1,9 @@
 //! The test guests' hypercall ABI: port I/O.
 //!
-//! Guests run at CPL3 with IOPL = 3, so `out` to a port is allowed and exits
-//! to the VMM as `KVM_EXIT_IO`. Guests use the immediate-port form
+//! Guests run at CPL3 with IOPL = 3 and a TSS I/O bitmap that allows every
+//! port, so `out` to a port is allowed and exits to the VMM as `KVM_EXIT_IO`
+//! (on VMX because of IOPL; under PVM, where hardware IOPL stays 0, because
+//! KVM's emulator finds the port allowed in the bitmap). Guests use the immediate-port form
 //! (`out 0x10, al`) so that `rdx` stays free for arguments.
 //!
 //! | port | name | guest does | meaning |
