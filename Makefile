@@ -23,5 +23,11 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
+## Copy the guest flat binaries (built by build.rs) to guest/build/.
+guests:
+	$(CARGO) build
+	mkdir -p guest/build
+	cp "$$(ls -td target/debug/build/guestmm-*/out | head -n 1)"/*.bin guest/build/
+
 clean:
 	$(CARGO) clean

@@ -1,0 +1,177 @@
+//! The test guests (`guest/*.S`), assembled by `build.rs` and embedded here.
+//!
+//! Each guest checks its own results and stops with the EXIT hypercall: 0 when
+//! every check held, otherwise the number of the failed check (documented at
+//! the top of its source file). Entry registers and hypercalls: see
+//! [`super::boot`] and [`super::hypercall`].
+
+/// One test guest and what running it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guest {
+    /// Name (the source is `guest/<name>.S`).
+    pub name: &'static str,
+    /// Flat image, loaded at [`super::boot::CODE_GPA`] and entered at its first byte.
+    pub image: &'static [u8],
+    /// vCPUs to run it with.
+    pub vcpus: u32,
+    /// Smallest RAM size it works with (it exits with code 1 below that).
+    pub min_ram: u64,
+    /// Bytes of template file the VMM maps privately before start and passes
+    /// in `r8`/`r9` (filled with [`cow_pattern`]), 0 for none.
+    pub template_size: u64,
+    /// Memory violations the VMM must report (and survive) for a pass.
+    pub expected_violations: u32,
+    /// Console output of a passing run.
+    pub expected_console: &'static str,
+    /// Exit code meaning "this host cannot run the test" (e.g. no AVX), if any.
+    pub unsupported_exit: Option<u32>,
+    /// One line on what it exercises.
+    pub description: &'static str,
+}
+
+const MIB: u64 = 1 << 20;
+
+macro_rules! image {
+    ($name:literal) => {
+        include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".bin"))
+    };
+}
+
+const fn guest(name: &'static str, image: &'static [u8], description: &'static str) -> Guest {
+    Guest {
+        name,
+        image,
+        vcpus: 1,
+        min_ram: 2 * MIB,
+        template_size: 0,
+        expected_violations: 0,
+        expected_console: "",
+        unsupported_exit: None,
+        description,
+    }
+}
+
+/// Every test guest.
+pub const GUESTS: &[Guest] = &[
+    Guest {
+        expected_console: "hello from guestmm\n",
+        ..guest("hello", image!("hello"), "prints a line and exits 0")
+    },
+    guest(
+        "touch",
+        image!("touch"),
+        "writes every RAM page in order and in LCG order, verifies; MARK 1-4",
+    ),
+    Guest {
+        template_size: MIB,
+        ..guest(
+            "cow",
+            image!("cow"),
+            "verifies a private template mapping, writes half of it, verifies both halves",
+        )
+    },
+    Guest {
+        expected_violations: 2,
+        ..guest(
+            "protect",
+            image!("protect"),
+            "a write to a read-only page is dropped and a read of the hole gives zeros",
+        )
+    },
+    Guest {
+        min_ram: 16 * MIB,
+        ..guest(
+            "exec",
+            image!("exec"),
+            "runs code copied to a fresh RAM page on a stack in a fresh RAM page",
+        )
+    },
+    Guest {
+        vcpus: 4,
+        min_ram: 18 * MIB,
+        ..guest(
+            "smp",
+            image!("smp"),
+            "4 vCPUs fill private slices and hammer shared counters with locked RMWs",
+        )
+    },
+    Guest {
+        min_ram: 32 * MIB,
+        unsupported_exit: Some(100),
+        ..guest(
+            "simd",
+            image!("simd"),
+            "SSE and AVX loads/stores to fresh pages, one straddling two pages",
+        )
+    },
+    Guest {
+        min_ram: 32 * MIB,
+        ..guest(
+            "lazypt",
+            image!("lazypt"),
+            "builds page tables in fresh RAM, SET_CR3, accesses through the new mapping",
+        )
+    },
+];
+
+/// The guest called `name`, if there is one.
+pub fn find(name: &str) -> Option<&'static Guest> {
+    GUESTS.iter().find(|g| g.name == name)
+}
+
+/// The `cow` guest's template pattern: the u64 at byte offset `offset`
+/// (8-aligned) is `(offset * 0x9E3779B97F4A7C15) ^ 0xC0FFEE`, wrapping.
+pub fn cow_pattern(offset: u64) -> u64 {
+    offset.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xC0_FFEE
+}
+
+/// Fills `buf` (the template file's bytes from offset 0) with [`cow_pattern`];
+/// a trailing partial u64 is filled with the low bytes of its value.
+pub fn fill_cow_template(buf: &mut [u8]) {
+    for (i, chunk) in buf.chunks_mut(8).enumerate() {
+        let v = cow_pattern(i as u64 * 8).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::boot::CODE_MAX_SIZE;
+
+    #[test]
+    fn every_guest_is_built_and_fits() {
+        let names: Vec<_> = GUESTS.iter().map(|g| g.name).collect();
+        for want in [
+            "hello", "touch", "cow", "protect", "exec", "smp", "simd", "lazypt",
+        ] {
+            assert!(names.contains(&want), "guest {want} missing from {names:?}");
+        }
+        for g in GUESTS {
+            assert!(!g.image.is_empty(), "{}: empty image", g.name);
+            assert!(
+                g.image.len() as u64 <= CODE_MAX_SIZE,
+                "{}: image too large",
+                g.name
+            );
+        }
+        assert_eq!(find("smp").map(|g| g.vcpus), Some(4));
+        assert!(find("nope").is_none());
+    }
+
+    #[test]
+    fn cow_pattern_matches_the_guest_formula() {
+        assert_eq!(cow_pattern(0), 0xC0FFEE);
+        assert_eq!(
+            cow_pattern(8),
+            0x9E37_79B9_7F4A_7C15u64.wrapping_mul(8) ^ 0xC0FFEE
+        );
+        let mut buf = [0u8; 20];
+        fill_cow_template(&mut buf);
+        assert_eq!(
+            u64::from_le_bytes(buf[8..16].try_into().unwrap()),
+            cow_pattern(8)
+        );
+        assert_eq!(buf[16..20], cow_pattern(16).to_le_bytes()[..4]);
+    }
+}

@@ -1,0 +1,15 @@
+//! - [`boot`]: the guest-physical layout, the boot region's bytes (GDT, TSS,
+//!   identity page tables, the image) and vCPU setup for 64-bit mode at CPL3.
+//! - [`hypercall`]: the port-I/O ABI guests use to talk to the VMM.
+//! - [`guests`]: the embedded guest images and what each needs to run.
+//!
+//! Nothing here depends on how guest memory is managed: the caller writes
+//! [`boot::BootLayout::boot_image`] into guest memory itself.
+
+pub mod boot;
+pub mod guests;
+pub mod hypercall;
+
+pub use boot::{BootError, BootLayout, EntryArgs};
+pub use guests::{Guest, GUESTS};
+pub use hypercall::{Hypercall, HypercallError};
