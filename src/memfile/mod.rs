@@ -24,8 +24,7 @@
 //!   When it reaches zero the page is reclaimed synchronously inside
 //!   `dec_ref`: its memory is punched out (`fallocate(PUNCH_HOLE)`) and it is
 //!   free again.
-//! - *committed*: memory backs the page; see [`usage`](self::usage) for how
-//!   committed memory is counted.
+//! - *committed*: memory backs the page; see [Accounting](#accounting).
 //!
 //! # Allocation policy
 //!
@@ -33,6 +32,27 @@
 //! When nothing fits below the file size, the file grows (`ftruncate`) by
 //! doubling, in whole chunks, up to `max_size`. The file never shrinks (it is
 //! sealed with `F_SEAL_SHRINK`).
+//!
+//! # Accounting
+//!
+//! A page is *committed* when the memfd has a page of memory behind it: the
+//! page was written (or read-faulted, which allocates a page for shmem)
+//! through any mapping of the file. [`MemoryFile::usage`] finds committed
+//! pages by calling `mincore` over the internal mapping of every chunk that
+//! holds an allocation. Because the internal mappings are `MAP_SHARED`, the
+//! kernel answers from the file's page cache, so pages touched only through
+//! another mapping of [`MemoryFile::fd`] (the KVM layer's) count too.
+//!
+//! A scan costs one `mincore` per chunk plus a walk over the allocated
+//! segments, so it is elided (filemem's trick) when nothing can have
+//! changed: no allocation, decommit or free happened since the last scan and
+//! the file's `st_blocks` is the same. Pages become committed only by a
+//! fault or write through some mapping, which raises `st_blocks`; through
+//! this type they stop being committed only by decommit or free, which mark
+//! the cache stale. Not noticed until the next change: holes punched in the
+//! fd by someone else while other pages get committed (no net change in
+//! `st_blocks`), and pages swapped out after a scan (their blocks stay
+//! counted in `st_blocks`).
 
 mod io;
 mod sys;
@@ -50,8 +70,8 @@ pub use usage::{MemoryKind, Usage};
 use io::Chunk;
 use usage::{PageInfo, UsageCache};
 
-/// Errors from [`MemoryFile`] operations. Every failing operation leaves the
-/// allocator's state unchanged.
+/// Errors from [`MemoryFile`] operations. A failing operation leaves the
+/// allocation map, reference counts and file size unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryFileError {
     /// An allocation length that is zero or not a multiple of the page size.
@@ -190,7 +210,7 @@ struct Inner {
     /// Internal mappings by chunk index; `len() == file_size / chunk_size`.
     /// A chunk is mapped on first use and unmapped only on drop.
     chunks: Vec<Option<Chunk>>,
-    /// The last usage scan (see [`usage`](self::usage)).
+    /// The last usage scan (see the module docs' Accounting section).
     cache: UsageCache,
     /// Observability: usage scans done and elided.
     stats_scans: u64,

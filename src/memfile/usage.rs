@@ -1,24 +1,7 @@
 //! What the allocator knows about each allocated page (kind and reference
 //! count), and committed-memory accounting with `mincore`.
 //!
-//! # Accounting
-//!
-//! A page is *committed* when the memfd has a page of memory behind it: the
-//! page was written (or read-faulted, which allocates a page for shmem)
-//! through any mapping of the file. [`MemoryFile::usage`] finds committed
-//! pages by calling `mincore` over the internal mapping of every chunk that
-//! holds an allocation. Because the internal mappings are `MAP_SHARED`, the
-//! kernel answers from the file's page cache, so pages touched only through
-//! another mapping of [`MemoryFile::fd`] (the KVM layer's) count too.
-//!
-//! A scan costs one `mincore` per chunk plus a walk over the allocated
-//! segments, so it is elided (filemem's trick) when nothing can have
-//! changed: no allocation, decommit or free happened since the last scan and
-//! the file's `st_blocks` is the same. Pages can only become committed by
-//! someone writing, which raises `st_blocks`; they can only stop being
-//! committed through this type (decommit, free), which marks the cache
-//! stale. A hole punched in the fd behind our back without changing
-//! `st_blocks` net is not noticed until the next change.
+//! The accounting scheme is described in the [parent module](super)'s docs.
 
 use std::ops::Range as StdRange;
 use std::os::fd::AsFd;
@@ -132,7 +115,7 @@ impl MemoryFile {
     /// holds (`fstat`) and the bytes allocated.
     ///
     /// Scans with `mincore` unless nothing changed since the last scan (see
-    /// the module docs); takes `inner` for the scan.
+    /// [Accounting](super#accounting)); holds `inner` for the scan.
     pub fn usage(&self) -> Result<Usage, MemoryFileError> {
         let mut inner = self.lock();
         let (_, blocks) =
@@ -164,13 +147,13 @@ impl MemoryFile {
     /// - `inner` is this file's locked state.
     fn scan_locked(&self, inner: &mut Inner) -> Result<[u64; 4], MemoryFileError> {
         let mut committed = [0u64; 4];
+        inner.stats_scans += 1;
         let Some((last, _)) = inner.usage.last_segment() else {
             return Ok(committed);
         };
         // Map every chunk that may hold an allocation first, so the walk
         // below only reads `inner`.
         self.map_chunks_locked(inner, Range::new_unchecked(0, last.end()))?;
-        inner.stats_scans += 1;
 
         let chunk_size = self.chunk_size;
         let mut bits = Vec::new();
