@@ -61,6 +61,7 @@
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod kvm;
 pub mod memfile;
 pub mod mm;
 pub mod perms;

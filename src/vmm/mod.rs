@@ -9,6 +9,7 @@
 pub mod boot;
 pub mod guests;
 pub mod hypercall;
+pub mod runner;
 
 pub use boot::{BootError, BootLayout, EntryArgs};
 pub use guests::{Guest, GUESTS};

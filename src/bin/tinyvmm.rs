@@ -1,0 +1,161 @@
+//! tinyvmm: runs guestmm's test guests on KVM with lazily populated RAM.
+//!
+//! ```text
+//! tinyvmm [OPTIONS] [GUEST|all]...
+//!   --ram-mib N              RAM size (default 64)
+//!   --vcpus N                vCPUs (default: what the guest needs)
+//!   --fault-around-kib N     first fault-around window (default 2048)
+//!   --fault-around-max-kib N largest window (default 32768)
+//!   --eager                  RAM as one slot registered up front (baseline)
+//!   --max-slots N            memslot cap
+//!   --memfile-max-mib N      guest memory cap
+//!   --stats                  print maps() and counters after each guest
+//!   --json                   one JSON object per guest instead of the summary line
+//!   --list                   list the guests
+//! ```
+//!
+//! Prints one summary line per guest and exits non-zero if any failed.
+
+use std::process::ExitCode;
+
+use guestmm::vmm::guests::{self, GUESTS};
+use guestmm::vmm::runner::{run_guest, GuestReport, RunOptions};
+use kvm_ioctls::Kvm;
+
+struct Args {
+    opts: RunOptions,
+    stats: bool,
+    json: bool,
+    names: Vec<String>,
+}
+
+const USAGE: &str = "usage: tinyvmm [--ram-mib N] [--vcpus N] [--fault-around-kib N] \
+[--fault-around-max-kib N] [--eager] [--max-slots N] [--memfile-max-mib N] [--stats] [--json] \
+[--list] [GUEST|all]...";
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        opts: RunOptions::default(),
+        stats: false,
+        json: false,
+        names: Vec::new(),
+    };
+    let mut it = std::env::args().skip(1);
+    let num = |it: &mut dyn Iterator<Item = String>, flag: &str| -> Result<u64, String> {
+        let v = it.next().ok_or(format!("{flag} needs a value"))?;
+        v.parse::<u64>().map_err(|e| format!("{flag} {v}: {e}"))
+    };
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--ram-mib" => a.opts.ram_size = num(&mut it, &arg)? << 20,
+            "--vcpus" => a.opts.vcpus = Some(num(&mut it, &arg)? as u32),
+            "--fault-around-kib" => a.opts.fault_around = num(&mut it, &arg)? << 10,
+            "--fault-around-max-kib" => a.opts.fault_around_max = num(&mut it, &arg)? << 10,
+            "--eager" => a.opts.eager = true,
+            "--max-slots" => a.opts.max_slots = Some(num(&mut it, &arg)? as usize),
+            "--memfile-max-mib" => a.opts.memfile_max = Some(num(&mut it, &arg)? << 20),
+            "--stats" => a.stats = true,
+            "--json" => a.json = true,
+            "--list" => {
+                for g in GUESTS {
+                    println!("{:8} {}", g.name, g.description);
+                }
+                std::process::exit(0);
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "all" => a.names.extend(GUESTS.iter().map(|g| g.name.to_string())),
+            name if !name.starts_with('-') => a.names.push(name.to_string()),
+            other => return Err(format!("unknown option {other}\n{USAGE}")),
+        }
+    }
+    if a.names.is_empty() {
+        a.names.extend(GUESTS.iter().map(|g| g.name.to_string()));
+    }
+    Ok(a)
+}
+
+fn json(r: &GuestReport) -> String {
+    format!(
+        "{{\"guest\":\"{}\",\"pass\":{},\"exit\":{},\"faults\":{},\"exits\":{},\"memory_exits\":{},\
+         \"slot_adds\":{},\"slot_deletes\":{},\"max_slots\":{},\"populated_kib\":{},\"violations\":{},\
+         \"cow_copies\":{},\"ms\":{},\"failure\":{}}}",
+        r.name,
+        r.passed,
+        r.exit_codes.first().copied().flatten().map_or("null".into(), |c| c.to_string()),
+        r.mm.faults,
+        r.vm.exits,
+        r.vm.memory_exits,
+        r.vm.slots.adds,
+        r.vm.slots.deletes,
+        r.vm.slots.max_live,
+        r.mm.populated_bytes / 1024,
+        r.violations.len(),
+        r.mm.cow_copies,
+        r.elapsed.as_millis(),
+        r.failure.as_ref().map_or("null".into(), |f| format!("{f:?}")),
+    )
+}
+
+fn main() -> ExitCode {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tinyvmm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let kvm = match Kvm::new() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("tinyvmm: cannot open /dev/kvm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut failed = 0;
+    for name in &args.names {
+        let Some(guest) = guests::find(name) else {
+            eprintln!("tinyvmm: no guest named {name} (try --list)");
+            failed += 1;
+            continue;
+        };
+        match run_guest(&kvm, guest, &args.opts) {
+            Ok(report) => {
+                if !args.json {
+                    for line in report.console.lines() {
+                        println!("[{}] {line}", report.name);
+                    }
+                }
+                println!(
+                    "{}",
+                    if args.json {
+                        json(&report)
+                    } else {
+                        report.summary_line()
+                    }
+                );
+                if args.stats {
+                    for m in &report.maps {
+                        println!("  {m}");
+                    }
+                    println!("  mm: {:?}", report.mm);
+                    println!("  vm: {:?}", report.vm);
+                }
+                if !report.passed {
+                    failed += 1;
+                }
+            }
+            Err(e) => {
+                println!("guest {name}: FAIL could not start: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,129 @@
+//! What a vCPU exit means for memory: which exits are memory faults, and the
+//! violation report handed to the VMM when a fault is the guest's fault.
+//!
+//! Measured on this project's hosts (see DESIGN.md):
+//! - an access to a GPA with no memslot exits as `KVM_EXIT_MMIO` with the
+//!   address, size, direction and (for writes) data;
+//! - a write to a `KVM_MEM_READONLY` slot exits as an MMIO write;
+//! - an instruction fetch from a GPA with no memslot, and an access the
+//!   instruction emulator cannot handle (VEX/AVX moves), exit as
+//!   `KVM_EXIT_INTERNAL_ERROR` with RIP at the instruction;
+//! - `KVM_EXIT_MEMORY_FAULT` carries a GPA on hosts that report it (never
+//!   required here).
+
+use kvm_ioctls::VcpuExit;
+
+use crate::mm::FaultError;
+use crate::perms::{Access, Perms};
+
+/// `KVM_MEMORY_EXIT_FLAG_PRIVATE` is the only flag defined; the access kind
+/// is not reported, so a memory-fault exit is treated as a write (the
+/// strongest access: it breaks copy-on-write, and a read fault would only
+/// exit again on the write).
+const MEMORY_FAULT_ACCESS: Access = Access::Write;
+
+/// A memory exit: the GPA and access the guest attempted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryExit {
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Bytes accessed.
+    pub len: usize,
+    /// The access.
+    pub access: Access,
+}
+
+impl MemoryExit {
+    /// The memory exit `exit` is, if it is one.
+    pub fn of(exit: &VcpuExit<'_>) -> Option<MemoryExit> {
+        match exit {
+            VcpuExit::MmioRead(gpa, data) => Some(MemoryExit {
+                gpa: *gpa,
+                len: data.len(),
+                access: Access::Read,
+            }),
+            VcpuExit::MmioWrite(gpa, data) => Some(MemoryExit {
+                gpa: *gpa,
+                len: data.len(),
+                access: Access::Write,
+            }),
+            VcpuExit::MemoryFault { gpa, size, .. } => Some(MemoryExit {
+                gpa: *gpa,
+                len: *size as usize,
+                access: MEMORY_FAULT_ACCESS,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Why a guest access was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViolationKind {
+    /// No vma (and no device range) at the address.
+    Unmapped,
+    /// The protection at the address forbids the access.
+    Permission {
+        /// What the protection allows.
+        allowed: Perms,
+    },
+    /// The mapped object has no page there (beyond its end).
+    Bus,
+    /// An instruction kept failing at the same address with nothing left to
+    /// populate.
+    NoProgress,
+}
+
+/// A guest access the memory manager refused; the VMM's handler decides
+/// whether the guest stops or continues (writes dropped, reads as zeros).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryViolation {
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// The access.
+    pub access: Access,
+    /// Index of the vCPU.
+    pub vcpu: u32,
+    /// Why it was refused.
+    pub kind: ViolationKind,
+    /// The guest's instruction pointer, when known.
+    pub rip: Option<u64>,
+}
+
+impl MemoryViolation {
+    /// The violation a guest-caused fault error describes, or `None` for
+    /// host-side failures (out of memory, out of slots) that stop the VM.
+    pub fn from_fault(e: &FaultError, vcpu: u32) -> Option<MemoryViolation> {
+        let (gpa, access, kind) = match *e {
+            FaultError::Unmapped { gpa, access } => (gpa, access, ViolationKind::Unmapped),
+            FaultError::Permission {
+                gpa,
+                access,
+                allowed,
+            } => (gpa, access, ViolationKind::Permission { allowed }),
+            FaultError::Bus { gpa, access, .. } => (gpa, access, ViolationKind::Bus),
+            _ => return None,
+        };
+        Some(MemoryViolation {
+            gpa,
+            access,
+            vcpu,
+            kind,
+            rip: None,
+        })
+    }
+}
+
+impl std::fmt::Display for MemoryViolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "vcpu {}: {} at {:#x} refused: {:?}",
+            self.vcpu, self.access, self.gpa, self.kind
+        )?;
+        if let Some(rip) = self.rip {
+            write!(f, " (rip {rip:#x})")?;
+        }
+        Ok(())
+    }
+}

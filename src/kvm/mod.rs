@@ -1,0 +1,18 @@
+//! The KVM adapter: memslots as the mm core's backend, exits turned into
+//! faults, and the vCPU run loop.
+//!
+//! - [`slots`]: [`SlotTable`], the memslot policy;
+//! - [`exits`]: which exits are memory faults, and violation reports;
+//! - [`vcpu`]: the run loop and the VMM's [`ExitHandler`];
+//! - [`vm`]: [`Vm`], tying a KVM VM to an address space.
+
+pub mod exits;
+pub mod slots;
+mod sys;
+pub mod vcpu;
+pub mod vm;
+
+pub use exits::{MemoryExit, MemoryViolation, ViolationKind};
+pub use slots::{SlotStats, SlotTable};
+pub use vcpu::{Action, ExitHandler, VcpuStop};
+pub use vm::{Vm, VmError, VmOptions, VmStats};

@@ -1,0 +1,459 @@
+//! `SlotTable`: the KVM [`AddressSpaceBackend`]. It mirrors what the mm core
+//! installs into a host virtual reservation (`host_va = base + gpa`, one
+//! `mmap(MAP_SHARED|MAP_FIXED)` of the memfd per install) and into KVM
+//! memory slots.
+//!
+//! # Slot policy
+//!
+//! Slots are exactly the maximal runs of installed memory with the same
+//! writability: GPA-adjacent installs merge into one slot (delete the old
+//! slots, add the merged one), `write_protect` and `remove` split them.
+//! Because a slot covers host virtual addresses, not file pages, replacing
+//! the pages under an existing run (a copy-on-write break that keeps the
+//! writability) needs only the `mmap`, no slot change.
+//!
+//! Every change is planned before anything is touched: an install that would
+//! need more slots than the limit fails with [`BackendError::OutOfSlots`] and
+//! changes nothing. `remove` and `write_protect` never fail for lack of
+//! slots: if splitting would exceed the limit they remove the whole affected
+//! runs instead (the guest faults them back in), which is always safe.
+//!
+//! Lock: `state` sits below `AddressSpace.active` (the mm core calls in with
+//! it held) and above `MemoryFile.inner`.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::VmFd;
+
+use super::sys::Reservation;
+use crate::mm::backend::{AddressSpaceBackend, BackendError, Installed};
+use crate::range::{GuestRange, Range};
+use crate::segment::{SegmentSet, SegmentValue};
+
+/// A KVM memory slot: its id and writability (its range is the set key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot {
+    id: u32,
+    writable: bool,
+}
+
+impl SegmentValue for Slot {
+    /// Slots are KVM objects; the table merges them itself, never the set.
+    fn merge(&self, _: Range, _: &Self, _: Range) -> Option<Self> {
+        None
+    }
+    fn split(&self, _: Range, _: u64) -> (Self, Self) {
+        (*self, *self)
+    }
+}
+
+/// Counters of a [`SlotTable`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlotStats {
+    /// Slots added (`KVM_SET_USER_MEMORY_REGION` with a size).
+    pub adds: u64,
+    /// Slots deleted.
+    pub deletes: u64,
+    /// Slots live now.
+    pub live: u64,
+    /// Most slots live at once.
+    pub max_live: u64,
+    /// `mmap`s of file pages into the reservation.
+    pub maps: u64,
+    /// Installs that found exactly that already installed.
+    pub redundant_installs: u64,
+}
+
+struct SlotState {
+    /// What is installed: GPA → file pages and writability.
+    extents: SegmentSet<Installed>,
+    /// KVM slots: the maximal same-writability runs of `extents`.
+    slots: SegmentSet<Slot>,
+    free_ids: Vec<u32>,
+    next_id: u32,
+    limit: usize,
+    stats: SlotStats,
+}
+
+/// The slot changes one operation needs, computed before anything changes.
+struct Plan {
+    delete: Vec<(GuestRange, Slot)>,
+    add: Vec<(GuestRange, bool)>,
+}
+
+/// The KVM backend: memslots over a host reservation. See the module docs.
+pub struct SlotTable {
+    vm: Arc<VmFd>,
+    reservation: Reservation,
+    state: Mutex<SlotState>,
+    ioctl_errors: AtomicU64,
+}
+
+impl std::fmt::Debug for SlotTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotTable")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl SlotTable {
+    /// A table for a guest-physical space of `size` bytes using at most
+    /// `limit` slots (the caller takes the minimum of `KVM_CAP_NR_MEMSLOTS`
+    /// and its own configuration).
+    pub fn new(vm: Arc<VmFd>, size: u64, limit: usize) -> Result<SlotTable, BackendError> {
+        let reservation = Reservation::new(size).map_err(|source| BackendError::Host {
+            op: "mmap(reservation)",
+            source,
+        })?;
+        Ok(SlotTable {
+            vm,
+            reservation,
+            state: Mutex::new(SlotState {
+                extents: SegmentSet::new(),
+                slots: SegmentSet::new(),
+                free_ids: Vec::new(),
+                next_id: 0,
+                limit,
+                stats: SlotStats::default(),
+            }),
+            ioctl_errors: AtomicU64::new(0),
+        })
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SlotStats {
+        self.lock().stats
+    }
+
+    /// The slot limit.
+    pub fn limit(&self) -> usize {
+        self.lock().limit
+    }
+
+    /// Live slots as `(range, writable)`, in address order.
+    pub fn slots(&self) -> Vec<(GuestRange, bool)> {
+        self.lock()
+            .slots
+            .iter()
+            .map(|(r, s)| (r, s.writable))
+            .collect()
+    }
+
+    /// Host virtual address of `gpa` inside the reservation.
+    pub fn host_addr(&self, gpa: u64) -> u64 {
+        self.reservation.host_addr(gpa)
+    }
+
+    /// Checks that slots are exactly the maximal same-writability runs of
+    /// what is installed, with unique ids under the limit.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let st = self.lock();
+        st.extents.check_invariants()?;
+        st.slots.check_invariants()?;
+        let runs = runs_of(st.extents.iter().map(|(r, e)| (r, e.writable)));
+        let slots: Vec<(GuestRange, bool)> =
+            st.slots.iter().map(|(r, s)| (r, s.writable)).collect();
+        if runs != slots {
+            return Err(format!(
+                "slots {slots:?} are not the runs {runs:?} of what is installed"
+            ));
+        }
+        let mut ids: Vec<u32> = st.slots.iter().map(|(_, s)| s.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != st.slots.len() || ids.last().is_some_and(|&id| id as usize >= st.limit) {
+            return Err(format!(
+                "slot ids {ids:?} duplicated or beyond the limit {}",
+                st.limit
+            ));
+        }
+        if st.stats.live != st.slots.len() as u64 {
+            return Err(format!(
+                "live counter {} != {} slots",
+                st.stats.live,
+                st.slots.len()
+            ));
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_range(&self, range: GuestRange) -> Result<(), BackendError> {
+        if range.end() > self.reservation.len() {
+            return Err(BackendError::OutOfRange {
+                range,
+                limit: self.reservation.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Plans replacing what is installed in `range` with `change` (`None`:
+    /// nothing, `Some(w)`: all of it with writability `w`).
+    ///
+    /// # Preconditions
+    /// - `st` is the locked state.
+    fn plan_locked(st: &SlotState, range: GuestRange, change: Option<bool>) -> Plan {
+        // The window: `range` plus every slot overlapping or touching it.
+        let probe = Range::new_unchecked(
+            range.start().saturating_sub(1),
+            range.end().saturating_add(1),
+        );
+        let old: Vec<(GuestRange, Slot)> =
+            st.slots.iter_range(probe).map(|(r, s)| (r, *s)).collect();
+        let start = old
+            .first()
+            .map_or(range.start(), |(r, _)| r.start().min(range.start()));
+        let end = old
+            .last()
+            .map_or(range.end(), |(r, _)| r.end().max(range.end()));
+        let window = Range::new_unchecked(start, end);
+        let mut pieces: Vec<(GuestRange, bool)> = Vec::new();
+        for (r, e) in st.extents.iter_range(window) {
+            let r = r.intersect(window);
+            if r.start() < range.start() {
+                pieces.push((
+                    Range::new_unchecked(r.start(), r.end().min(range.start())),
+                    e.writable,
+                ));
+            }
+            if r.end() > range.end() {
+                pieces.push((
+                    Range::new_unchecked(r.start().max(range.end()), r.end()),
+                    e.writable,
+                ));
+            }
+        }
+        if let Some(w) = change {
+            pieces.push((range, w));
+        }
+        pieces.sort_by_key(|(r, _)| r.start());
+        let new = runs_of(pieces.into_iter());
+        let delete = old
+            .iter()
+            .filter(|(r, s)| !new.contains(&(*r, s.writable)))
+            .copied()
+            .collect();
+        let add = new
+            .into_iter()
+            .filter(|(r, w)| !old.iter().any(|(or, os)| or == r && os.writable == *w))
+            .collect();
+        Plan { delete, add }
+    }
+
+    /// True if `plan` fits under the slot limit.
+    fn fits(st: &SlotState, plan: &Plan) -> bool {
+        st.slots.len() - plan.delete.len() + plan.add.len() <= st.limit
+    }
+
+    /// Applies the slot changes of `plan`: deletes first (KVM refuses
+    /// overlapping slots), then adds.
+    ///
+    /// # Preconditions
+    /// - `st` is the locked state; `plan` fits under the limit.
+    fn apply_locked(&self, st: &mut SlotState, plan: Plan) -> Result<(), BackendError> {
+        for (r, slot) in plan.delete {
+            self.set_region(slot.id, r, slot.writable, true)?;
+            st.slots.remove(r.start());
+            st.free_ids.push(slot.id);
+            st.stats.deletes += 1;
+        }
+        for (r, writable) in plan.add {
+            let id = st.free_ids.pop().unwrap_or_else(|| {
+                st.next_id += 1;
+                st.next_id - 1
+            });
+            if let Err(e) = self.set_region(id, r, writable, false) {
+                st.free_ids.push(id);
+                return Err(e);
+            }
+            st.slots
+                .insert_without_merging(r, Slot { id, writable })
+                .expect("planned slots do not overlap");
+            st.stats.adds += 1;
+        }
+        st.stats.live = st.slots.len() as u64;
+        st.stats.max_live = st.stats.max_live.max(st.stats.live);
+        Ok(())
+    }
+
+    fn set_region(
+        &self,
+        id: u32,
+        r: GuestRange,
+        writable: bool,
+        delete: bool,
+    ) -> Result<(), BackendError> {
+        let region = kvm_userspace_memory_region {
+            slot: id,
+            flags: if writable { 0 } else { KVM_MEM_READONLY },
+            guest_phys_addr: r.start(),
+            memory_size: if delete { 0 } else { r.len() },
+            userspace_addr: self.reservation.host_addr(r.start()),
+        };
+        // SAFETY: the region points into our reservation, which outlives
+        // every slot (slots are deleted before it is unmapped, see Drop), and
+        // whatever is mapped there is memory KVM may access.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| {
+            self.ioctl_errors.fetch_add(1, Ordering::Relaxed);
+            BackendError::Host {
+                op: "KVM_SET_USER_MEMORY_REGION",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            }
+        })
+    }
+
+    /// Removes `range` (or, if slots run short, the whole runs it touches)
+    /// from extents and slots.
+    ///
+    /// # Preconditions
+    /// - `st` is the locked state.
+    fn remove_locked(&self, st: &mut SlotState, range: GuestRange) -> Result<(), BackendError> {
+        let mut range = range;
+        let mut plan = Self::plan_locked(st, range, None);
+        if !Self::fits(st, &plan) {
+            range = widen_to_slots(st, range);
+            plan = Self::plan_locked(st, range, None);
+        }
+        self.apply_locked(st, plan)?;
+        st.extents.remove_range(range);
+        self.reservation
+            .unmap(range.start(), range.len())
+            .map_err(|source| BackendError::Host {
+                op: "mmap(PROT_NONE)",
+                source,
+            })
+    }
+}
+
+impl AddressSpaceBackend for SlotTable {
+    fn install(
+        &self,
+        range: GuestRange,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+        writable: bool,
+    ) -> Result<(), BackendError> {
+        self.check_range(range)?;
+        let mut st = self.lock();
+        let want = Installed {
+            fd: fd.as_raw_fd(),
+            file_offset,
+            writable,
+        };
+        if let Some((r, e)) = st.extents.find_segment(range.start()) {
+            let offset_here = e.file_offset + (range.start() - r.start());
+            if r.is_superset_of(range)
+                && e.fd == want.fd
+                && e.writable == writable
+                && offset_here == file_offset
+            {
+                st.stats.redundant_installs += 1;
+                return Ok(());
+            }
+        }
+        let plan = Self::plan_locked(&st, range, Some(writable));
+        if !Self::fits(&st, &plan) {
+            return Err(BackendError::OutOfSlots { limit: st.limit });
+        }
+        self.reservation
+            .map_fd(range.start(), range.len(), fd, file_offset, writable)
+            .map_err(|source| BackendError::Host {
+                op: "mmap(MAP_FIXED)",
+                source,
+            })?;
+        st.stats.maps += 1;
+        st.extents.remove_range(range);
+        st.extents.insert(range, want).expect("range just cleared");
+        self.apply_locked(&mut st, plan)
+    }
+
+    fn remove(&self, range: GuestRange) -> Result<(), BackendError> {
+        self.check_range(range)?;
+        let mut st = self.lock();
+        if st.extents.is_empty_range(range) {
+            return Ok(());
+        }
+        self.remove_locked(&mut st, range)
+    }
+
+    fn write_protect(&self, range: GuestRange) -> Result<(), BackendError> {
+        self.check_range(range)?;
+        let mut st = self.lock();
+        // One writable piece at a time: a fallback removal may take later
+        // pieces with it.
+        loop {
+            let next = st
+                .extents
+                .iter_range(range)
+                .find(|(_, e)| e.writable)
+                .map(|(r, _)| r.intersect(range));
+            let Some(part) = next else {
+                return Ok(());
+            };
+            // Plan as if the part were replaced with read-only memory.
+            let plan = Self::plan_locked(&st, part, Some(false));
+            if !Self::fits(&st, &plan) {
+                let whole = widen_to_slots(&st, part);
+                self.remove_locked(&mut st, whole)?;
+                continue;
+            }
+            self.apply_locked(&mut st, plan)?;
+            st.extents
+                .apply_contiguous(part, |_, e| e.writable = false)
+                .expect("part is installed");
+            st.extents.merge_range(part);
+            self.reservation
+                .protect_read_only(part.start(), part.len())
+                .map_err(|source| BackendError::Host {
+                    op: "mprotect",
+                    source,
+                })?;
+        }
+    }
+}
+
+impl Drop for SlotTable {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let slots: Vec<(GuestRange, Slot)> = st.slots.iter().map(|(r, s)| (r, *s)).collect();
+        for (r, s) in slots {
+            if let Err(e) = self.set_region(s.id, r, s.writable, true) {
+                log::error!("deleting slot {} at {r} on drop: {e}", s.id);
+            }
+        }
+    }
+}
+
+/// `range` widened to the slots it overlaps.
+fn widen_to_slots(st: &SlotState, range: GuestRange) -> GuestRange {
+    st.slots.iter_range(range).fold(range, |acc, (r, _)| {
+        Range::new_unchecked(acc.start().min(r.start()), acc.end().max(r.end()))
+    })
+}
+
+/// Maximal runs of GPA-contiguous pieces with equal writability.
+///
+/// Preconditions: `pieces` are sorted and do not overlap.
+fn runs_of(pieces: impl Iterator<Item = (GuestRange, bool)>) -> Vec<(GuestRange, bool)> {
+    let mut runs: Vec<(GuestRange, bool)> = Vec::new();
+    for (r, w) in pieces {
+        if r.is_empty() {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((last, lw)) if last.end() == r.start() && *lw == w => {
+                *last = Range::new_unchecked(last.start(), r.end())
+            }
+            _ => runs.push((r, w)),
+        }
+    }
+    runs
+}

@@ -1,0 +1,459 @@
+//! Runs one test guest on a guestmm-managed VM: the harness behind
+//! `tinyvmm`, the KVM tests and the benchmarks.
+//!
+//! The boot region is a precommitted vma (page tables must be in a memslot:
+//! KVM cannot walk guest page tables through an exit); RAM is a lazy private
+//! anonymous vma, or a precommitted one in eager mode (the baseline: one
+//! slot registered up front).
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{Kvm, VcpuFd};
+
+use super::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
+use super::guests::{cow_pattern, Guest};
+use super::hypercall::{self, Hypercall};
+use crate::kvm::{Action, ExitHandler, MemoryViolation, VcpuStop, Vm, VmOptions, VmStats};
+use crate::memfile::{MemoryFile, MemoryFileOptions};
+use crate::mm::{AddressSpaceOptions, HostFile, IoOpts, MapOpts, Mappable, MapsEntry, Stats};
+use crate::perms::Perms;
+use crate::range::HUGE_PAGE_SIZE;
+
+/// How to run a guest.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// RAM size (rounded up to the guest's minimum).
+    pub ram_size: u64,
+    /// vCPUs (default: what the guest needs).
+    pub vcpus: Option<u32>,
+    /// Fault-around window of a first fault.
+    pub fault_around: u64,
+    /// Largest fault-around window.
+    pub fault_around_max: u64,
+    /// Populate and register all RAM up front (the baseline).
+    pub eager: bool,
+    /// Memslot limit below KVM's.
+    pub max_slots: Option<usize>,
+    /// MemoryFile size limit.
+    pub memfile_max: Option<u64>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            ram_size: 64 << 20,
+            vcpus: None,
+            fault_around: HUGE_PAGE_SIZE,
+            fault_around_max: 32 << 20,
+            eager: false,
+            max_slots: None,
+            memfile_max: None,
+        }
+    }
+}
+
+/// Errors that prevent a guest from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The boot layout or vCPU setup failed.
+    #[error(transparent)]
+    Boot(#[from] super::boot::BootError),
+    /// Creating the VM failed.
+    #[error(transparent)]
+    Vm(#[from] crate::kvm::VmError),
+    /// Setting up memory failed.
+    #[error(transparent)]
+    Mm(#[from] crate::mm::MmError),
+    /// The memory file could not be created.
+    #[error(transparent)]
+    MemoryFile(#[from] crate::memfile::MemoryFileError),
+    /// The template file could not be made.
+    #[error("template file: {0}")]
+    Template(#[from] std::io::Error),
+    /// The template could not be wrapped.
+    #[error(transparent)]
+    File(#[from] crate::mm::FileError),
+}
+
+/// What one guest run did.
+#[derive(Debug, Clone)]
+pub struct GuestReport {
+    /// The guest's name.
+    pub name: String,
+    /// Every check held.
+    pub passed: bool,
+    /// Why not, when not.
+    pub failure: Option<String>,
+    /// EXIT code of each vCPU (`None`: it never exited).
+    pub exit_codes: Vec<Option<u32>>,
+    /// Console output.
+    pub console: String,
+    /// MARK hypercalls: (vCPU, phase, time since start).
+    pub marks: Vec<(u32, u32, Duration)>,
+    /// Violations reported (all continued).
+    pub violations: Vec<MemoryViolation>,
+    /// VM counters.
+    pub vm: VmStats,
+    /// Address-space counters at the end of the run.
+    pub mm: Stats,
+    /// The address space's maps at the end of the run.
+    pub maps: Vec<MapsEntry>,
+    /// Wall time from the first vCPU start to the last vCPU stop.
+    pub elapsed: Duration,
+    /// MemoryFile bytes still allocated after teardown (must be 0).
+    pub leaked_bytes: u64,
+}
+
+impl GuestReport {
+    /// The summary line `tinyvmm` prints.
+    pub fn summary_line(&self) -> String {
+        let mut line = format!(
+            "guest {}: {} exit={} faults={} exits={} slot_adds={} slot_deletes={} max_slots={} populated_kib={} ms={}",
+            self.name,
+            if self.passed { "PASS" } else { "FAIL" },
+            self.exit_codes.first().copied().flatten().map_or("none".to_string(), |c| c.to_string()),
+            self.mm.faults,
+            self.vm.exits,
+            self.vm.slots.adds,
+            self.vm.slots.deletes,
+            self.vm.slots.max_live,
+            self.mm.populated_bytes / 1024,
+            self.elapsed.as_millis(),
+        );
+        if let Some(f) = &self.failure {
+            line.push(' ');
+            line.push_str(f);
+        }
+        line
+    }
+}
+
+/// Shared per-run state the vCPU handlers write into.
+#[derive(Default)]
+struct Shared {
+    console: String,
+    marks: Vec<(u32, u32, Duration)>,
+    violations: Vec<MemoryViolation>,
+    errors: Vec<String>,
+}
+
+/// The VMM side of the hypercall ABI for one vCPU.
+struct GuestHandler<'a> {
+    vm: &'a Vm,
+    shared: &'a Mutex<Shared>,
+    start: Instant,
+    exit_code: Option<u32>,
+    template: Option<&'a Arc<HostFile>>,
+}
+
+impl GuestHandler<'_> {
+    fn fail(&self, what: String) -> Action {
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .errors
+            .push(what);
+        Action::Stop
+    }
+}
+
+impl ExitHandler for GuestHandler<'_> {
+    fn io_out(&mut self, vcpu: &mut VcpuFd, index: u32, port: u16, data: &[u8]) -> Action {
+        let regs = if hypercall::needs_regs(port) {
+            match vcpu.get_regs() {
+                Ok(r) => r,
+                Err(e) => return self.fail(format!("get_regs: {e}")),
+            }
+        } else {
+            Default::default()
+        };
+        let call = match hypercall::decode(port, data, &regs) {
+            Ok(c) => c,
+            Err(e) => return self.fail(format!("vcpu {index}: {e}")),
+        };
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        match call {
+            Hypercall::Console(b) => shared.console.push(char::from(b)),
+            Hypercall::Mark(n) => shared.marks.push((index, n, self.start.elapsed())),
+            Hypercall::Exit(code) => {
+                self.exit_code = Some(code);
+                return Action::Stop;
+            }
+            Hypercall::Protect { gpa, len, perms } => {
+                if let Err(e) = self.vm.space().protect(gpa, len, perms) {
+                    shared
+                        .errors
+                        .push(format!("vcpu {index}: protect {gpa:#x}+{len:#x}: {e}"));
+                    return Action::Stop;
+                }
+            }
+            Hypercall::MapTemplate { gpa, len } => {
+                let Some(t) = self.template else {
+                    shared
+                        .errors
+                        .push(format!("vcpu {index}: MAP_TEMPLATE without a template"));
+                    return Action::Stop;
+                };
+                let opts = MapOpts::object(t.clone() as Arc<dyn Mappable>, 0, len)
+                    .fixed_replace(gpa)
+                    .name("template");
+                if let Err(e) = self.vm.space().map(opts) {
+                    shared
+                        .errors
+                        .push(format!("vcpu {index}: map template at {gpa:#x}: {e}"));
+                    return Action::Stop;
+                }
+            }
+            Hypercall::SetCr3 { cr3 } => {
+                drop(shared);
+                let set = vcpu.get_sregs().and_then(|mut s| {
+                    s.cr3 = cr3;
+                    vcpu.set_sregs(&s)
+                });
+                if let Err(e) = set {
+                    return self.fail(format!("vcpu {index}: set cr3: {e}"));
+                }
+            }
+        }
+        Action::Continue
+    }
+
+    fn violation(&mut self, v: &MemoryViolation) -> Action {
+        log::info!("violation: {v}");
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .violations
+            .push(v.clone());
+        Action::Continue
+    }
+
+    fn hlt(&mut self, index: u32) -> Action {
+        self.fail(format!("vcpu {index}: hlt"))
+    }
+
+    fn shutdown(&mut self, vcpu: &mut VcpuFd, index: u32) -> Action {
+        let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+        self.fail(format!(
+            "vcpu {index}: shutdown (triple fault) at rip {rip:#x}"
+        ))
+    }
+
+    fn unhandled(&mut self, index: u32, what: &str) -> Action {
+        self.fail(format!("vcpu {index}: unexpected exit {what}"))
+    }
+}
+
+/// Boots `guest` with `opts` on a fresh VM, runs every vCPU to its exit,
+/// checks the result and tears everything down.
+pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestReport, RunError> {
+    let vcpus = opts.vcpus.unwrap_or(guest.vcpus);
+    let ram_size = opts.ram_size.max(guest.min_ram);
+    let layout = BootLayout::new(DEFAULT_RAM_BASE, ram_size, vcpus)?;
+    let mut mf_opts = MemoryFileOptions::default();
+    if let Some(max) = opts.memfile_max {
+        mf_opts.max_size = max;
+    }
+    let memfile = Arc::new(MemoryFile::new(
+        &format!("guestmm-{}", guest.name),
+        mf_opts,
+    )?);
+    let space_opts = AddressSpaceOptions {
+        fault_around: opts.fault_around,
+        fault_around_max: opts.fault_around_max.max(opts.fault_around),
+        ..VmOptions::default().space
+    };
+    let vm = Vm::new(
+        kvm,
+        memfile.clone(),
+        VmOptions {
+            space: space_opts,
+            max_slots: opts.max_slots,
+        },
+    )?;
+    let space = vm.space().clone();
+
+    space.map(
+        MapOpts::anonymous(BOOT_SIZE)
+            .fixed(0)
+            .perms(Perms::ALL)
+            .precommit()
+            .name("boot"),
+    )?;
+    for (gpa, bytes) in layout.boot_image(guest.image)? {
+        space.write_with(gpa, &bytes, IoOpts::FORCE)?;
+    }
+    let mut ram = MapOpts::anonymous(ram_size)
+        .fixed(layout.ram_base())
+        .perms(Perms::ALL)
+        .name("ram");
+    if opts.eager {
+        ram = ram.precommit();
+    }
+    space.map(ram)?;
+
+    let mut args = EntryArgs::default();
+    let template = if guest.template_size > 0 {
+        let (file, hf) = make_template(guest.template_size)?;
+        args.template_base = layout.ram_base() + ram_size;
+        args.template_size = guest.template_size;
+        let map = MapOpts::object(hf.clone() as Arc<dyn Mappable>, 0, guest.template_size)
+            .fixed(args.template_base)
+            .perms(Perms::READ_WRITE)
+            .name("template");
+        space.map(map)?;
+        Some((file, hf))
+    } else {
+        None
+    };
+
+    let mut vcpu_fds = Vec::new();
+    for i in 0..vcpus {
+        let fd = vm.create_vcpu(u64::from(i))?;
+        layout.setup_vcpu(&fd, kvm, i, &args)?;
+        vcpu_fds.push(fd);
+    }
+
+    let shared = Mutex::new(Shared::default());
+    let start = Instant::now();
+    let results: Vec<(Option<u32>, Result<VcpuStop, String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = vcpu_fds
+            .iter_mut()
+            .enumerate()
+            .map(|(i, fd)| {
+                let vm = &vm;
+                let shared = &shared;
+                let template = template.as_ref().map(|(_, hf)| hf);
+                s.spawn(move || {
+                    let mut h = GuestHandler {
+                        vm,
+                        shared,
+                        start,
+                        exit_code: None,
+                        template,
+                    };
+                    let r = vm.run_vcpu(fd, i as u32, &mut h).map_err(|e| e.to_string());
+                    (h.exit_code, r)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or((None, Err("vcpu thread panicked".into())))
+            })
+            .collect()
+    });
+    let elapsed = start.elapsed();
+
+    let shared = shared.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut failures: Vec<String> = shared.errors.clone();
+    for (i, (_, r)) in results.iter().enumerate() {
+        if let Err(e) = r {
+            failures.push(format!("vcpu {i}: {e}"));
+        }
+    }
+    let exit_codes: Vec<Option<u32>> = results.iter().map(|(c, _)| *c).collect();
+    for (i, c) in exit_codes.iter().enumerate() {
+        match c {
+            Some(0) => {}
+            Some(code) if Some(*code) == guest.unsupported_exit => {
+                failures.push(format!("unsupported on this host (exit {code})"))
+            }
+            Some(code) => failures.push(format!("vcpu {i} exit code {code}")),
+            None if failures.is_empty() => failures.push(format!("vcpu {i} never exited")),
+            None => {}
+        }
+    }
+    if shared.violations.len() != guest.expected_violations as usize {
+        failures.push(format!(
+            "{} violations, want {}",
+            shared.violations.len(),
+            guest.expected_violations
+        ));
+    }
+    if !guest.expected_console.is_empty() && shared.console != guest.expected_console {
+        failures.push(format!(
+            "console {:?}, want {:?}",
+            shared.console, guest.expected_console
+        ));
+    }
+    if let Some((file, _)) = &template {
+        if let Some(off) = first_pattern_mismatch(file, guest.template_size)? {
+            failures.push(format!("template file changed at offset {off:#x}"));
+        }
+    }
+    if let Err(e) = space.check_invariants() {
+        failures.push(format!("mm invariants: {e}"));
+    }
+    if let Err(e) = vm.slots().check_invariants() {
+        failures.push(format!("slot invariants: {e}"));
+    }
+    let vm_stats = vm.stats();
+    let mm = space.stats();
+    let maps = space.maps();
+    drop(space);
+    drop(vm);
+    drop(template);
+    let leaked_bytes = memfile.allocated_bytes();
+    if leaked_bytes != 0 {
+        failures.push(format!(
+            "{leaked_bytes} bytes of guest memory left after teardown"
+        ));
+    }
+    Ok(GuestReport {
+        name: guest.name.to_string(),
+        passed: failures.is_empty(),
+        failure: (!failures.is_empty()).then(|| failures.join("; ")),
+        exit_codes,
+        console: shared.console,
+        marks: shared.marks,
+        violations: shared.violations,
+        vm: vm_stats,
+        mm,
+        maps,
+        elapsed,
+        leaked_bytes,
+    })
+}
+
+/// A private temporary file of `size` bytes filled with the COW pattern.
+fn make_template(size: u64) -> Result<(std::fs::File, Arc<HostFile>), RunError> {
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!(
+        "guestmm-template-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    let mut buf = Vec::with_capacity(size as usize);
+    for off in (0..size).step_by(8) {
+        buf.extend_from_slice(&cow_pattern(off).to_le_bytes());
+    }
+    file.write_all(&buf)?;
+    let hf = HostFile::new(file.try_clone()?, false)?;
+    Ok((file, hf))
+}
+
+/// The first offset where `file` no longer holds the COW pattern.
+fn first_pattern_mismatch(file: &std::fs::File, size: u64) -> Result<Option<u64>, RunError> {
+    let mut buf = vec![0u8; size as usize];
+    file.read_exact_at(&mut buf, 0)?;
+    Ok(buf
+        .chunks_exact(8)
+        .enumerate()
+        .find(|(i, w)| {
+            u64::from_le_bytes((*w).try_into().expect("8 bytes")) != cow_pattern(*i as u64 * 8)
+        })
+        .map(|(i, _)| i as u64 * 8))
+}
