@@ -62,6 +62,11 @@ pub const GUESTS: &[Guest] = &[
         image!("touch"),
         "writes every RAM page in order and in LCG order, verifies; MARK 1-4",
     ),
+    guest(
+        "scatter",
+        image!("scatter"),
+        "writes every RAM page in LCG order first (no two windows adjacent), verifies",
+    ),
     Guest {
         template_size: MIB,
         ..guest(

@@ -105,6 +105,8 @@ pub struct GuestReport {
     pub elapsed: Duration,
     /// MemoryFile bytes still allocated after teardown (must be 0).
     pub leaked_bytes: u64,
+    /// Memslots still live after every vma was unmapped (must be 0).
+    pub slots_after_unmap: u64,
 }
 
 impl GuestReport {
@@ -352,9 +354,9 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
 
     let shared = shared.into_inner().unwrap_or_else(|e| e.into_inner());
     let mut failures: Vec<String> = shared.errors.clone();
-    for (i, (_, r)) in results.iter().enumerate() {
+    for (_, r) in &results {
         if let Err(e) = r {
-            failures.push(format!("vcpu {i}: {e}"));
+            failures.push(e.clone());
         }
     }
     let exit_codes: Vec<Option<u32>> = results.iter().map(|(c, _)| *c).collect();
@@ -396,6 +398,13 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
     let vm_stats = vm.stats();
     let mm = space.stats();
     let maps = space.maps();
+    space.unmap(0, space.options().size)?;
+    let slots_after_unmap = vm.slots().stats().live;
+    if slots_after_unmap != 0 {
+        failures.push(format!(
+            "{slots_after_unmap} memslots left after unmapping everything"
+        ));
+    }
     drop(space);
     drop(vm);
     drop(template);
@@ -418,6 +427,7 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         maps,
         elapsed,
         leaked_bytes,
+        slots_after_unmap,
     })
 }
 

@@ -1,0 +1,151 @@
+//! SlotTable against a real KVM VM: the slot policy (merge, split, limit).
+
+use std::sync::Arc;
+
+use guestmm::kvm::SlotTable;
+use guestmm::memfile::{MemoryFile, MemoryFileOptions, MemoryKind};
+use guestmm::mm::{AddressSpaceBackend, BackendError};
+use guestmm::Range;
+use kvm_ioctls::Kvm;
+
+const MIB: u64 = 1 << 20;
+
+struct Fixture {
+    mf: MemoryFile,
+    table: SlotTable,
+}
+
+fn fixture(limit: usize) -> Option<Fixture> {
+    let kvm = match Kvm::new() {
+        Ok(k) => k,
+        Err(e) => {
+            println!("skipping: /dev/kvm not available ({e})");
+            return None;
+        }
+    };
+    let vm = Arc::new(kvm.create_vm().expect("create_vm"));
+    let mf = MemoryFile::new("slots", MemoryFileOptions::default()).unwrap();
+    mf.allocate(64 * MIB, MemoryKind::Anonymous).unwrap();
+    let table = SlotTable::new(vm, 1 << 32, limit).unwrap();
+    Some(Fixture { mf, table })
+}
+
+fn r(s: u64, e: u64) -> Range {
+    Range::new(s, e).unwrap()
+}
+
+impl Fixture {
+    fn install(&self, start: u64, len: u64, writable: bool) -> Result<(), BackendError> {
+        self.table.install(
+            r(start, start + len),
+            self.mf.fd(),
+            start % (64 * MIB),
+            writable,
+        )
+    }
+}
+
+#[test]
+fn adjacent_installs_merge_into_one_slot() {
+    let Some(f) = fixture(32) else { return };
+    f.install(0, 2 * MIB, true).unwrap();
+    f.install(4 * MIB, 2 * MIB, true).unwrap();
+    assert_eq!(f.table.slots().len(), 2);
+    f.install(2 * MIB, 2 * MIB, true).unwrap();
+    assert_eq!(
+        f.table.slots(),
+        vec![(r(0, 6 * MIB), true)],
+        "got {:?}",
+        f.table.slots()
+    );
+    f.table.check_invariants().unwrap();
+    let s = f.table.stats();
+    assert_eq!((s.adds, s.deletes, s.live, s.max_live), (3, 2, 1, 2));
+}
+
+#[test]
+fn different_writability_stays_apart_and_write_protect_splits() {
+    let Some(f) = fixture(32) else { return };
+    f.install(0, 2 * MIB, true).unwrap();
+    f.install(2 * MIB, 2 * MIB, false).unwrap();
+    assert_eq!(
+        f.table.slots(),
+        vec![(r(0, 2 * MIB), true), (r(2 * MIB, 4 * MIB), false)]
+    );
+    f.table.write_protect(r(MIB, 2 * MIB)).unwrap();
+    assert_eq!(
+        f.table.slots(),
+        vec![(r(0, MIB), true), (r(MIB, 4 * MIB), false)],
+        "read-only parts merge"
+    );
+    f.table.remove(r(0, 4 * MIB)).unwrap();
+    assert!(f.table.slots().is_empty());
+    f.table.check_invariants().unwrap();
+}
+
+#[test]
+fn removing_the_middle_splits_a_slot() {
+    let Some(f) = fixture(32) else { return };
+    f.install(0, 6 * MIB, true).unwrap();
+    f.table.remove(r(2 * MIB, 4 * MIB)).unwrap();
+    assert_eq!(
+        f.table.slots(),
+        vec![(r(0, 2 * MIB), true), (r(4 * MIB, 6 * MIB), true)]
+    );
+    f.table.check_invariants().unwrap();
+}
+
+#[test]
+fn installs_past_the_limit_fail_and_change_nothing() {
+    let Some(f) = fixture(2) else { return };
+    f.install(0, MIB, true).unwrap();
+    f.install(4 * MIB, MIB, true).unwrap();
+    let before = (f.table.slots(), f.table.stats());
+    match f.install(8 * MIB, MIB, true) {
+        Err(BackendError::OutOfSlots { limit: 2 }) => {}
+        other => panic!("got {other:?}, want OutOfSlots {{ limit: 2 }}"),
+    }
+    assert_eq!(
+        (f.table.slots(), f.table.stats()),
+        before,
+        "a refused install changes nothing"
+    );
+    // Filling the gap merges and needs no new slot.
+    f.install(MIB, 3 * MIB, true).unwrap();
+    assert_eq!(f.table.slots(), vec![(r(0, 5 * MIB), true)]);
+    f.table.check_invariants().unwrap();
+}
+
+#[test]
+fn splits_past_the_limit_remove_whole_runs_instead() {
+    let Some(f) = fixture(1) else { return };
+    f.install(0, 6 * MIB, true).unwrap();
+    // Protecting the middle would need three slots: the run goes away.
+    f.table.write_protect(r(2 * MIB, 4 * MIB)).unwrap();
+    assert!(f.table.slots().is_empty(), "got {:?}", f.table.slots());
+    f.install(0, 6 * MIB, true).unwrap();
+    f.table.remove(r(2 * MIB, 4 * MIB)).unwrap();
+    assert!(f.table.slots().is_empty(), "got {:?}", f.table.slots());
+    f.table.check_invariants().unwrap();
+}
+
+#[test]
+fn an_identical_install_is_a_no_op() {
+    let Some(f) = fixture(8) else { return };
+    f.install(0, 4 * MIB, true).unwrap();
+    f.install(MIB, MIB, true).unwrap();
+    let s = f.table.stats();
+    assert_eq!((s.adds, s.maps, s.redundant_installs), (1, 1, 1));
+}
+
+#[test]
+fn out_of_range_installs_are_errors() {
+    let Some(f) = fixture(8) else { return };
+    match f
+        .table
+        .install(r(1 << 32, (1 << 32) + MIB), f.mf.fd(), 0, true)
+    {
+        Err(BackendError::OutOfRange { .. }) => {}
+        other => panic!("got {other:?}, want OutOfRange"),
+    }
+}
