@@ -7,7 +7,8 @@ all: test
 
 ## Build the test guests (build.rs assembles guest/*.S) and tinyvmm, run them all.
 run:
-	$(CARGO) run --release --example embed
+	$(CARGO) build --release --bin tinyvmm
+	./target/release/tinyvmm all
 
 ## Every test: unit, property, memfile, mm, and KVM tests (skipped with one line without /dev/kvm).
 test:

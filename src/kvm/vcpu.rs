@@ -196,12 +196,10 @@ impl Vm {
                 self.counters.memory_exits.fetch_add(1, Ordering::Relaxed);
                 match self.space().read_with(gpa, data, IoOpts::default()) {
                     Ok(()) => Ok(None),
-                    Err(e) => self
-                        .access_failed(index, gpa, Access::Read, e, handler)
-                        .map(|stop| {
-                            data.fill(0);
-                            stop
-                        }),
+                    Err(e) => {
+                        data.fill(0);
+                        self.access_failed(index, gpa, Access::Read, e, handler)
+                    }
                 }
             }
             Err(FaultError::Unmapped { .. }) if self.is_device(gpa) => {
