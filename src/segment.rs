@@ -311,8 +311,14 @@ impl<V: SegmentValue> SegmentSet<V> {
             return None;
         }
         let (seg, _) = self.find_segment(key)?;
-        self.split_at(r.start());
-        self.split_at(r.end());
+        // Split only this segment: `r` may reach into its neighbours, which
+        // must be left whole.
+        if seg.can_split_at(r.start()) {
+            self.split_at(r.start());
+        }
+        if seg.can_split_at(r.end()) {
+            self.split_at(r.end());
+        }
         Some(seg.intersect(r))
     }
 

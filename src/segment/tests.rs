@@ -128,3 +128,22 @@ fn first_fit_honours_alignment_and_bounds() {
         Some(r(0x2000, 0x3000))
     );
 }
+
+#[test]
+fn isolate_leaves_neighbouring_segments_whole() {
+    // `r` reaches from the key's segment into both neighbours; only the key's
+    // segment may be split. Isolating used to split whatever segment held
+    // `r.start` and `r.end`, cutting the neighbours too.
+    let mut set = SegmentSet::new();
+    set.insert(r(0, 10), v(1, 0)).unwrap();
+    set.insert(r(10, 20), v(2, 10)).unwrap();
+    set.insert(r(20, 30), v(3, 20)).unwrap();
+    assert_eq!(set.isolate(15, r(5, 25)), Some(r(10, 20)));
+    let segs: Vec<_> = set.iter().map(|(r, _)| r).collect();
+    assert_eq!(segs, vec![r(0, 10), r(10, 20), r(20, 30)]);
+    // And the key's segment is still cut where `r` ends inside it.
+    assert_eq!(set.isolate(12, r(12, 25)), Some(r(12, 20)));
+    let segs: Vec<_> = set.iter().map(|(r, _)| r).collect();
+    assert_eq!(segs, vec![r(0, 10), r(10, 12), r(12, 20), r(20, 30)]);
+    set.check_invariants().unwrap();
+}
