@@ -352,6 +352,11 @@ impl<V: SegmentValue> SegmentSet<V> {
         if let Some(gap) = self.gaps(r).next() {
             return Err(SegmentError::NotCovered { range: r, gap });
         }
+        if r.is_empty() {
+            // Nothing to apply to; splitting at `r.start` would only leave
+            // an unmerged boundary inside the segment holding it.
+            return Ok(());
+        }
         self.split_at(r.start());
         self.split_at(r.end());
         for (sr, v) in self.iter_range_mut(r) {

@@ -147,3 +147,15 @@ fn isolate_leaves_neighbouring_segments_whole() {
     assert_eq!(segs, vec![r(0, 10), r(10, 12), r(12, 20), r(20, 30)]);
     set.check_invariants().unwrap();
 }
+
+#[test]
+fn apply_contiguous_on_empty_range_inside_segment_splits_nothing() {
+    let mut set = SegmentSet::new();
+    set.insert(r(0, 10), v(1, 0)).unwrap();
+    let mut calls = 0;
+    set.apply_contiguous(r(5, 5), |_, _| calls += 1).unwrap();
+    assert_eq!(calls, 0);
+    assert_eq!(set.len(), 1, "an empty apply must not split the segment");
+    assert!(set.is_maximally_merged());
+    set.check_invariants().unwrap();
+}
