@@ -159,3 +159,15 @@ fn apply_contiguous_on_empty_range_inside_segment_splits_nothing() {
     assert!(set.is_maximally_merged());
     set.check_invariants().unwrap();
 }
+
+#[test]
+fn empty_range_inside_segment_overlaps_nothing() {
+    // `Range::overlaps` calls [5, 5) and [0, 10) overlapping; the set must
+    // not: an empty range holds no address.
+    let mut set = SegmentSet::new();
+    set.insert(r(0, 10), v(1, 0)).unwrap();
+    assert!(set.is_empty_range(r(5, 5)));
+    assert_eq!(set.iter_range(r(5, 5)).count(), 0);
+    assert_eq!(set.iter_range_mut(r(5, 5)).count(), 0);
+    assert_eq!(set.span_range(r(5, 5)), 0);
+}
