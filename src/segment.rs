@@ -65,6 +65,12 @@ pub enum SegmentError {
     },
 }
 
+/// True if `a` and `b` share an address. Unlike [`Range::overlaps`], an
+/// empty range never overlaps anything, even inside a segment.
+fn overlaps(a: Range, b: Range) -> bool {
+    !a.is_empty() && !b.is_empty() && a.overlaps(b)
+}
+
 /// What lies at a key: a segment with its value, or a gap.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Found<'a, V> {
@@ -138,7 +144,7 @@ impl<V: SegmentValue> SegmentSet<V> {
             .range(from..)
             .take_while(move |(&s, _)| s < r.end())
             .map(|(&s, e)| (Range::new_unchecked(s, e.end), &e.value))
-            .filter(move |(sr, _)| sr.overlaps(r))
+            .filter(move |(sr, _)| overlaps(*sr, r))
     }
 
     /// The segments overlapping `r`, unclipped, with mutable values.
@@ -151,7 +157,7 @@ impl<V: SegmentValue> SegmentSet<V> {
             .range_mut(from..)
             .take_while(move |(&s, _)| s < r.end())
             .map(|(&s, e)| (Range::new_unchecked(s, e.end), &mut e.value))
-            .filter(move |(sr, _)| sr.overlaps(r))
+            .filter(move |(sr, _)| overlaps(*sr, r))
     }
 
     /// The gaps inside `r`, clipped to it, in address order.
@@ -311,8 +317,14 @@ impl<V: SegmentValue> SegmentSet<V> {
             return None;
         }
         let (seg, _) = self.find_segment(key)?;
-        self.split_at(r.start());
-        self.split_at(r.end());
+        // Split only this segment: `r` may reach into its neighbours, which
+        // must be left whole.
+        if seg.can_split_at(r.start()) {
+            self.split_at(r.start());
+        }
+        if seg.can_split_at(r.end()) {
+            self.split_at(r.end());
+        }
         Some(seg.intersect(r))
     }
 
@@ -345,6 +357,11 @@ impl<V: SegmentValue> SegmentSet<V> {
     ) -> Result<(), SegmentError> {
         if let Some(gap) = self.gaps(r).next() {
             return Err(SegmentError::NotCovered { range: r, gap });
+        }
+        if r.is_empty() {
+            // Nothing to apply to; splitting at `r.start` would only leave
+            // an unmerged boundary inside the segment holding it.
+            return Ok(());
         }
         self.split_at(r.start());
         self.split_at(r.end());

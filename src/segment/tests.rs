@@ -128,3 +128,46 @@ fn first_fit_honours_alignment_and_bounds() {
         Some(r(0x2000, 0x3000))
     );
 }
+
+#[test]
+fn isolate_leaves_neighbouring_segments_whole() {
+    // `r` reaches from the key's segment into both neighbours; only the key's
+    // segment may be split. Isolating used to split whatever segment held
+    // `r.start` and `r.end`, cutting the neighbours too.
+    let mut set = SegmentSet::new();
+    set.insert(r(0, 10), v(1, 0)).unwrap();
+    set.insert(r(10, 20), v(2, 10)).unwrap();
+    set.insert(r(20, 30), v(3, 20)).unwrap();
+    assert_eq!(set.isolate(15, r(5, 25)), Some(r(10, 20)));
+    let segs: Vec<_> = set.iter().map(|(r, _)| r).collect();
+    assert_eq!(segs, vec![r(0, 10), r(10, 20), r(20, 30)]);
+    // And the key's segment is still cut where `r` ends inside it.
+    assert_eq!(set.isolate(12, r(12, 25)), Some(r(12, 20)));
+    let segs: Vec<_> = set.iter().map(|(r, _)| r).collect();
+    assert_eq!(segs, vec![r(0, 10), r(10, 12), r(12, 20), r(20, 30)]);
+    set.check_invariants().unwrap();
+}
+
+#[test]
+fn apply_contiguous_on_empty_range_inside_segment_splits_nothing() {
+    let mut set = SegmentSet::new();
+    set.insert(r(0, 10), v(1, 0)).unwrap();
+    let mut calls = 0;
+    set.apply_contiguous(r(5, 5), |_, _| calls += 1).unwrap();
+    assert_eq!(calls, 0);
+    assert_eq!(set.len(), 1, "an empty apply must not split the segment");
+    assert!(set.is_maximally_merged());
+    set.check_invariants().unwrap();
+}
+
+#[test]
+fn empty_range_inside_segment_overlaps_nothing() {
+    // `Range::overlaps` calls [5, 5) and [0, 10) overlapping; the set must
+    // not: an empty range holds no address.
+    let mut set = SegmentSet::new();
+    set.insert(r(0, 10), v(1, 0)).unwrap();
+    assert!(set.is_empty_range(r(5, 5)));
+    assert_eq!(set.iter_range(r(5, 5)).count(), 0);
+    assert_eq!(set.iter_range_mut(r(5, 5)).count(), 0);
+    assert_eq!(set.span_range(r(5, 5)), 0);
+}
