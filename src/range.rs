@@ -132,9 +132,10 @@ impl Range {
         self.start <= x && x < self.end
     }
 
-    /// True if the two ranges share at least one address.
+    /// True if the two ranges share at least one address (so never for an
+    /// empty range).
     pub const fn overlaps(&self, other: Range) -> bool {
-        self.start < other.end && other.start < self.end
+        !self.is_empty() && !other.is_empty() && self.start < other.end && other.start < self.end
     }
 
     /// The addresses in both ranges (empty, at some address, if none).
@@ -265,6 +266,10 @@ mod tests {
         let b = Range::new(15, 30).unwrap();
         let c = Range::new(20, 30).unwrap();
         assert!(a.overlaps(b) && !a.overlaps(c));
+        assert!(
+            !a.overlaps(Range::new(15, 15).unwrap()),
+            "an empty range overlaps nothing"
+        );
         assert_eq!(a.intersect(b), Range::new(15, 20).unwrap());
         assert!(a.intersect(c).is_empty());
         assert!(a.is_superset_of(Range::new(12, 20).unwrap()));

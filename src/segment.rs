@@ -65,12 +65,6 @@ pub enum SegmentError {
     },
 }
 
-/// True if `a` and `b` share an address. Unlike [`Range::overlaps`], an
-/// empty range never overlaps anything, even inside a segment.
-fn overlaps(a: Range, b: Range) -> bool {
-    !a.is_empty() && !b.is_empty() && a.overlaps(b)
-}
-
 /// What lies at a key: a segment with its value, or a gap.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Found<'a, V> {
@@ -144,7 +138,7 @@ impl<V: SegmentValue> SegmentSet<V> {
             .range(from..)
             .take_while(move |(&s, _)| s < r.end())
             .map(|(&s, e)| (Range::new_unchecked(s, e.end), &e.value))
-            .filter(move |(sr, _)| overlaps(*sr, r))
+            .filter(move |(sr, _)| sr.overlaps(r))
     }
 
     /// The segments overlapping `r`, unclipped, with mutable values.
@@ -157,7 +151,7 @@ impl<V: SegmentValue> SegmentSet<V> {
             .range_mut(from..)
             .take_while(move |(&s, _)| s < r.end())
             .map(|(&s, e)| (Range::new_unchecked(s, e.end), &mut e.value))
-            .filter(move |(sr, _)| overlaps(*sr, r))
+            .filter(move |(sr, _)| sr.overlaps(r))
     }
 
     /// The gaps inside `r`, clipped to it, in address order.
