@@ -50,14 +50,28 @@
 //! ## Lock order
 //!
 //! Locks are taken top to bottom; a thread holding one never waits for a lock
-//! above it.
+//! above it. Siblings are never held together.
 //!
 //! ```text
-//! AddressSpace.mapping        (vmas + protection ranges; RwLock: faults read, map/unmap/protect write)
-//!   └─ AddressSpace.active    (pmas + private page refcounts)
-//!        └─ kvm::SlotTable    (memslots, host VA reservation; taken inside backend calls)
-//!             └─ MemoryFile.inner  (allocation map, refcounts, internal mappings)
+//! AddressSpace.mapping            RwLock: vmas + protection ranges. Faults and host I/O
+//!   │                             read it; map / unmap / protect / fork write it.
+//!   └─ AddressSpace.active        Mutex: pmas, fault-around streams, pins.
+//!        ├─ PrivateRefs           owner counts of private pages (shared by forks)
+//!        ├─ SharedMemory.state    an object's pages and mappers (translate)
+//!        ├─ HostFile refs/mappers
+//!        ├─ SlotTable.state       memslots and the host reservation (backend calls)
+//!        └─ MemoryFile.inner      allocation map, refcounts, internal mappings
 //! ```
+//!
+//! Exceptions, written out:
+//! - `SharedMemory::decommit` and `truncate` collect the affected mappers
+//!   under the object's lock, release it, and only then call each address
+//!   space's `invalidate` (which takes `active`): an object lock is never
+//!   held while an address space lock is taken.
+//! - `map` calls `Mappable::add_mapping` with `mapping` held and `active`
+//!   not held; that takes only the object's own lock.
+//! - `fork` holds the parent's `mapping` (read) and `active`, then takes the
+//!   child's, which no other thread can see yet.
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
