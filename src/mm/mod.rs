@@ -22,6 +22,7 @@
 pub mod backend;
 pub mod fault;
 pub mod fork;
+pub mod guest_memory;
 pub mod io;
 pub mod mappable;
 pub mod pma;
@@ -42,6 +43,7 @@ use crate::segment::SegmentSet;
 pub use backend::{AddressSpaceBackend, BackendError, NoopBackend, RecordingBackend};
 pub use check::check_file_refs;
 pub use fault::{FaultError, Populated};
+pub use guest_memory::SpaceMemory;
 pub use io::{IoOpts, Pin};
 pub use mappable::{File, FileError, HostFile, Mappable, MappingSpace, SharedMemory, Translation};
 pub use pma::PrivateRefs;
