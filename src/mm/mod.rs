@@ -202,9 +202,12 @@ pub(crate) struct ActiveState {
     pub pmas: SegmentSet<Pma>,
     pub fault_around: FaultAround,
     /// Pinned file ranges, by pin id, released by `unpin`.
-    pub pins: std::collections::HashMap<u64, Vec<(Arc<dyn File>, crate::range::FileRange)>>,
+    pub pins: std::collections::HashMap<u64, PinnedFiles>,
     pub next_pin: u64,
 }
+
+/// The file ranges one pin holds a reference on.
+pub(crate) type PinnedFiles = Vec<(Arc<dyn File>, crate::range::FileRange)>;
 
 static NEXT_SPACE_ID: AtomicU64 = AtomicU64::new(1);
 
