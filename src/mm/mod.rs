@@ -5,7 +5,8 @@
 //! - [`protect`]: the per-vma protection ranges;
 //! - [`pma`]: what is populated, copy-on-write aware;
 //! - [`fault`]: the fault path (`handle_fault`) and the fault-around policy;
-//! - [`io`]: host-side reads and writes, pins, vm-memory integration;
+//! - [`io`]: host-side reads and writes, pins;
+//! - [`guest_memory`]: vm-memory's `GuestMemory` over an address space;
 //! - [`fork`]: cloning an address space;
 //! - [`mappable`]: what a vma can map;
 //! - [`backend`]: how populated memory reaches the guest (KVM, or a test
