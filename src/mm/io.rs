@@ -179,7 +179,7 @@ impl AddressSpace {
 
     /// # Preconditions
     /// - `mapping` is locked.
-    fn check_io_locked(
+    pub(super) fn check_io_locked(
         &self,
         mapping: &MappingState,
         pages: GuestRange,

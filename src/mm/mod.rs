@@ -5,7 +5,8 @@
 //! - [`protect`]: the per-vma protection ranges;
 //! - [`pma`]: what is populated, copy-on-write aware;
 //! - [`fault`]: the fault path (`handle_fault`) and the fault-around policy;
-//! - [`io`]: host-side reads and writes, pins, vm-memory integration;
+//! - [`io`]: host-side reads and writes, pins;
+//! - [`guest_memory`]: vm-memory's `GuestMemory` over an address space;
 //! - [`fork`]: cloning an address space;
 //! - [`mappable`]: what a vma can map;
 //! - [`backend`]: how populated memory reaches the guest (KVM, or a test
@@ -22,6 +23,7 @@
 pub mod backend;
 pub mod fault;
 pub mod fork;
+pub mod guest_memory;
 pub mod io;
 pub mod mappable;
 pub mod pma;
@@ -42,6 +44,7 @@ use crate::segment::SegmentSet;
 pub use backend::{AddressSpaceBackend, BackendError, NoopBackend, RecordingBackend};
 pub use check::check_file_refs;
 pub use fault::{FaultError, Populated};
+pub use guest_memory::SpaceMemory;
 pub use io::{IoOpts, Pin};
 pub use mappable::{File, FileError, HostFile, Mappable, MappingSpace, SharedMemory, Translation};
 pub use pma::PrivateRefs;
