@@ -81,9 +81,6 @@ pub mod mm;
 pub mod perms;
 pub mod range;
 pub mod segment;
-/// tinyvmm's machinery: boot setup for the test guests, the hypercall ABI, and
-/// the guest images, public so tinyvmm, tests and benches drive guests the
-/// same way.
 pub mod vmm;
 
 pub use perms::{Access, Perms};

@@ -7,7 +7,7 @@
 //! knowing what it stores.
 //!
 //! Storage is a `BTreeMap` keyed by segment start, so lookups, inserts and
-//! removals are `O(log n)`. Beside it a [`GapIndex`] (a treap augmented with the
+//! removals are `O(log n)`. Beside it a gap index (a treap augmented with the
 //! largest gap length of each subtree) answers "the lowest gap of at least
 //! `len` bytes at or above `x`" in `O(log n)` expected, which makes
 //! [`SegmentSet::first_fit`] sublinear.

@@ -1,7 +1,12 @@
+//! tinyvmm's machinery: boot setup for the test guests, the hypercall ABI,
+//! the guest images and the runner, public so tinyvmm, tests and benches
+//! drive guests the same way.
+//!
 //! - [`boot`]: the guest-physical layout, the boot region's bytes (GDT, TSS,
 //!   identity page tables, the image) and vCPU setup for 64-bit mode at CPL3.
 //! - [`hypercall`]: the port-I/O ABI guests use to talk to the VMM.
 //! - [`guests`]: the embedded guest images and what each needs to run.
+//! - [`runner`]: boots one guest on a guestmm VM, runs it, checks and reports.
 //!
 //! Nothing here depends on how guest memory is managed: the caller writes
 //! [`boot::BootLayout::boot_image`] into guest memory itself.
