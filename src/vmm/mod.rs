@@ -8,8 +8,9 @@
 //! - [`guests`]: the embedded guest images and what each needs to run.
 //! - [`runner`]: boots one guest on a guestmm VM, runs it, checks and reports.
 //!
-//! Nothing here depends on how guest memory is managed: the caller writes
-//! [`boot::BootLayout::boot_image`] into guest memory itself.
+//! `boot`, `hypercall` and `guests` do not depend on how guest memory is
+//! managed (the caller writes [`boot::BootLayout::boot_image`] into guest
+//! memory itself); `runner` puts them on a [`crate::kvm::Vm`].
 
 pub mod boot;
 pub mod guests;
