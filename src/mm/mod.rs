@@ -24,10 +24,12 @@ pub mod backend;
 pub mod fault;
 pub mod fork;
 pub mod guest_memory;
+mod hostfile;
 pub mod io;
 pub mod mappable;
 pub mod pma;
 pub mod protect;
+mod shared;
 pub mod vma;
 
 mod check;
@@ -45,10 +47,12 @@ pub use backend::{AddressSpaceBackend, BackendError, NoopBackend, RecordingBacke
 pub use check::check_file_refs;
 pub use fault::{FaultError, Populated};
 pub use guest_memory::SpaceMemory;
+pub use hostfile::HostFile;
 pub use io::{IoOpts, Pin};
-pub use mappable::{File, FileError, HostFile, Mappable, MappingSpace, SharedMemory, Translation};
+pub use mappable::{File, FileError, Mappable, MappingSpace, Translation};
 pub use pma::PrivateRefs;
 pub use protect::{ProtectError, ProtectionRanges, Region};
+pub use shared::SharedMemory;
 pub use stats::{MapsEntry, Stats};
 pub use vma::{MapOpts, MapSource, Placement};
 

@@ -1,0 +1,229 @@
+//! `SharedMemory`: a memory object whose pages every mapper shares.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, Weak};
+
+use super::mappable::{File, FileError, Mappable, MapperList, MappingSpace, Translation};
+use crate::memfile::{MemoryFile, MemoryKind};
+use crate::perms::{Access, Perms};
+use crate::range::{FileRange, GuestRange, Range, PAGE_SIZE};
+use crate::segment::{SegmentSet, SegmentValue};
+
+/// A page of a [`SharedMemory`] object: the MemoryFile offset backing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Backing {
+    file_offset: u64,
+}
+
+impl SegmentValue for Backing {
+    fn merge(&self, left: Range, right_value: &Self, _right: Range) -> Option<Self> {
+        (self.file_offset + left.len() == right_value.file_offset).then_some(*self)
+    }
+    fn split(&self, range: Range, at: u64) -> (Self, Self) {
+        (
+            *self,
+            Backing {
+                file_offset: self.file_offset + (at - range.start()),
+            },
+        )
+    }
+}
+
+struct SharedState {
+    size: u64,
+    pages: SegmentSet<Backing>,
+    mappers: MapperList,
+}
+
+/// A shared memory object whose pages come from the [`MemoryFile`]: every
+/// address space that maps it shared sees the same bytes. Pages are
+/// allocated on first translation and hold one MemoryFile reference each
+/// while the object has them.
+///
+/// Lock: `state` sits below `AddressSpace.active` (translate is called with
+/// it held) and above `MemoryFile.inner`; it is never held while calling an
+/// address space.
+pub struct SharedMemory {
+    memfile: Arc<MemoryFile>,
+    state: Mutex<SharedState>,
+}
+
+impl fmt::Debug for SharedMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.lock();
+        f.debug_struct("SharedMemory")
+            .field("size", &s.size)
+            .field("committed_pages", &(s.pages.span() / PAGE_SIZE))
+            .field("mappers", &s.mappers.count())
+            .finish()
+    }
+}
+
+impl SharedMemory {
+    /// A zero-filled object of `size` bytes (a non-zero multiple of the page
+    /// size); nothing is allocated until it is touched.
+    pub fn new(memfile: Arc<MemoryFile>, size: u64) -> Result<Arc<SharedMemory>, FileError> {
+        Range::pages(0, size).map_err(|_| FileError::BeyondEnd {
+            range: Range::EMPTY,
+            size,
+        })?;
+        Ok(Arc::new(SharedMemory {
+            memfile,
+            state: Mutex::new(SharedState {
+                size,
+                pages: SegmentSet::new(),
+                mappers: MapperList::default(),
+            }),
+        }))
+    }
+
+    /// Bytes of the object that have pages.
+    pub fn committed(&self) -> u64 {
+        self.lock().pages.span()
+    }
+
+    /// Drops the pages of object offsets `range`: every mapper is
+    /// invalidated and the range reads as zeros afterwards.
+    pub fn decommit(&self, range: Range) -> Result<(), FileError> {
+        let (dropped, affected) = {
+            let mut s = self.lock();
+            if !range.is_page_aligned() || range.end() > s.size {
+                return Err(FileError::BeyondEnd {
+                    range,
+                    size: s.size,
+                });
+            }
+            (s.pages.remove_range(range), s.mappers.affected(range))
+        };
+        // Mapper pmas hold their own references, so dropping ours after
+        // invalidating is safe in either order; invalidate first so no
+        // mapper keeps showing the old pages.
+        invalidate_all(&affected);
+        for (r, b) in dropped {
+            self.memfile
+                .dec_ref(Range::new_unchecked(b.file_offset, b.file_offset + r.len()))?;
+        }
+        Ok(())
+    }
+
+    /// Changes the object's size; pages past a smaller size are dropped and
+    /// their mappers invalidated (later accesses there are bus errors).
+    pub fn truncate(&self, new_size: u64) -> Result<(), FileError> {
+        if new_size % PAGE_SIZE != 0 {
+            return Err(FileError::BeyondEnd {
+                range: Range::EMPTY,
+                size: new_size,
+            });
+        }
+        let old = self.lock().size;
+        if new_size < old {
+            self.decommit(Range::new_unchecked(new_size, old))?;
+        }
+        self.lock().size = new_size;
+        Ok(())
+    }
+
+    /// MemoryFile references this object holds, as `(file range, refs)`.
+    pub fn file_refs(&self) -> Vec<FileRange> {
+        self.lock()
+            .pages
+            .iter()
+            .map(|(r, b)| Range::new_unchecked(b.file_offset, b.file_offset + r.len()))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SharedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        let s = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (r, b) in s.pages.iter() {
+            let fr = Range::new_unchecked(b.file_offset, b.file_offset + r.len());
+            if let Err(e) = self.memfile.dec_ref(fr) {
+                log::error!("SharedMemory drop: dec_ref {fr} failed: {e}");
+            }
+        }
+    }
+}
+
+fn invalidate_all(affected: &[(Weak<dyn MappingSpace>, GuestRange)]) {
+    for (space, guest) in affected {
+        if let Some(space) = space.upgrade() {
+            space.invalidate(*guest, false);
+        }
+    }
+}
+
+impl Mappable for SharedMemory {
+    fn size(&self) -> u64 {
+        self.lock().size
+    }
+
+    fn max_perms(&self) -> Perms {
+        Perms::ALL
+    }
+
+    fn add_mapping(
+        &self,
+        space: Weak<dyn MappingSpace>,
+        space_id: u64,
+        range: GuestRange,
+        offset: u64,
+    ) {
+        self.lock().mappers.add(space, space_id, range, offset);
+    }
+
+    fn remove_mapping(&self, space_id: u64, range: GuestRange, _offset: u64) {
+        self.lock().mappers.remove(space_id, range);
+    }
+
+    fn translate(
+        &self,
+        required: Range,
+        optional: Range,
+        _access: Access,
+    ) -> Result<Vec<Translation>, FileError> {
+        let mut s = self.lock();
+        if required.end() > s.size {
+            return Err(FileError::BeyondEnd {
+                range: required,
+                size: s.size,
+            });
+        }
+        let want = optional.intersect(Range::new_unchecked(0, s.size));
+        let want = if want.is_superset_of(required) {
+            want
+        } else {
+            required
+        };
+        // Allocate every hole of `want` (one allocation per hole).
+        let holes: Vec<Range> = s.pages.gaps(want).collect();
+        for hole in holes {
+            let fr = self.memfile.allocate(hole.len(), MemoryKind::Shared)?;
+            s.pages
+                .insert(
+                    hole,
+                    Backing {
+                        file_offset: fr.start(),
+                    },
+                )
+                .expect("hole is free");
+        }
+        let file: Arc<dyn File> = self.memfile.clone();
+        Ok(s.pages
+            .iter_range(want)
+            .map(|(r, b)| {
+                let source = r.intersect(want);
+                Translation {
+                    source,
+                    file: file.clone(),
+                    offset: b.file_offset + (source.start() - r.start()),
+                    perms: Perms::ALL,
+                }
+            })
+            .collect())
+    }
+}
