@@ -287,3 +287,22 @@ fn decommit_drops_private_pages_and_they_read_zero() {
         Err(MmError::NotMapped { .. })
     ));
 }
+
+#[test]
+fn stats_count_populated_and_committed_bytes() {
+    let (_mf, _be, space) = setup();
+    let gpa = space
+        .map(MapOpts::anonymous(4 * MIB).fixed(1 << 30))
+        .unwrap();
+    space.handle_fault(gpa, Access::Read).unwrap();
+    let s = space.stats();
+    assert_eq!(
+        (s.populated_bytes, s.committed_bytes),
+        (2 * MIB, 0),
+        "populated but untouched commits nothing"
+    );
+    space.write(gpa, &[1; 3 * 4096]).unwrap();
+    let s = space.stats();
+    assert_eq!(s.committed_bytes, 3 * 4096, "got {s:?}");
+    assert_eq!((s.vmas, s.pmas, s.faults, s.windows), (1, 1, 1, 1));
+}

@@ -7,7 +7,7 @@ use std::ops::Range as StdRange;
 use std::os::fd::AsFd;
 
 use super::{Inner, MemoryFile, MemoryFileError};
-use crate::range::{Range, PAGE_SIZE};
+use crate::range::{FileRange, Range, PAGE_SIZE};
 use crate::segment::SegmentValue;
 
 /// What an allocation is used for; committed memory is accounted per kind.
@@ -155,35 +155,78 @@ impl MemoryFile {
         // below only reads `inner`.
         self.map_chunks_locked(inner, Range::new_unchecked(0, last.end()))?;
 
-        let chunk_size = self.chunk_size;
-        let mut bits = Vec::new();
-        let mut bits_chunk: Option<u64> = None;
+        let mut scan = ResidencyScan::default();
         for (r, info) in inner.usage.iter() {
-            let mut at = r.start();
-            while at < r.end() {
-                let chunk = at / chunk_size;
-                let chunk_start = chunk * chunk_size;
-                let piece_end = r.end().min(chunk_start + chunk_size);
-                if bits_chunk != Some(chunk) {
-                    let addr = inner.chunks[chunk as usize]
-                        .as_ref()
-                        .expect("chunk mapped above")
-                        .addr();
-                    super::sys::mincore(addr, chunk_size as usize, &mut bits).map_err(
-                        |source| MemoryFileError::Syscall {
-                            syscall: "mincore",
-                            source,
-                        },
-                    )?;
-                    bits_chunk = Some(chunk);
-                }
-                let pages: StdRange<usize> = ((at - chunk_start) / PAGE_SIZE) as usize
-                    ..((piece_end - chunk_start) / PAGE_SIZE) as usize;
-                let resident = bits[pages].iter().filter(|&&b| b & 1 != 0).count() as u64;
-                committed[info.kind.index()] += resident * PAGE_SIZE;
-                at = piece_end;
-            }
+            committed[info.kind.index()] += self.resident_locked(inner, r, &mut scan)?;
         }
         Ok(committed)
     }
+
+    /// Bytes of `ranges` (allocated file ranges, in any order) that are
+    /// resident: what a holder of those pages really commits.
+    pub fn committed_in(&self, ranges: &[FileRange]) -> Result<u64, MemoryFileError> {
+        let mut inner = self.lock();
+        let Some(end) = ranges.iter().map(|r| r.end()).max() else {
+            return Ok(0);
+        };
+        if end > inner.file_size {
+            return Err(MemoryFileError::BeyondFile {
+                offset: end,
+                file_size: inner.file_size,
+            });
+        }
+        self.map_chunks_locked(&mut inner, Range::new_unchecked(0, end))?;
+        let mut scan = ResidencyScan::default();
+        let mut total = 0;
+        for r in ranges {
+            total += self.resident_locked(&inner, *r, &mut scan)?;
+        }
+        Ok(total)
+    }
+
+    /// Resident bytes of `r`, reusing the `mincore` bits of the last chunk
+    /// scanned.
+    ///
+    /// # Preconditions
+    /// - `inner` is this file's locked state; every chunk under `r` is mapped.
+    fn resident_locked(
+        &self,
+        inner: &Inner,
+        r: FileRange,
+        scan: &mut ResidencyScan,
+    ) -> Result<u64, MemoryFileError> {
+        let chunk_size = self.chunk_size;
+        let mut resident = 0;
+        let mut at = r.start();
+        while at < r.end() {
+            let chunk = at / chunk_size;
+            let chunk_start = chunk * chunk_size;
+            let piece_end = r.end().min(chunk_start + chunk_size);
+            if scan.chunk != Some(chunk) {
+                let addr = inner.chunks[chunk as usize]
+                    .as_ref()
+                    .expect("chunk mapped by the caller")
+                    .addr();
+                super::sys::mincore(addr, chunk_size as usize, &mut scan.bits).map_err(
+                    |source| MemoryFileError::Syscall {
+                        syscall: "mincore",
+                        source,
+                    },
+                )?;
+                scan.chunk = Some(chunk);
+            }
+            let pages: StdRange<usize> = ((at - chunk_start) / PAGE_SIZE) as usize
+                ..((piece_end - chunk_start) / PAGE_SIZE) as usize;
+            resident += scan.bits[pages].iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE_SIZE;
+            at = piece_end;
+        }
+        Ok(resident)
+    }
+}
+
+/// `mincore` bits of the chunk scanned last.
+#[derive(Default)]
+struct ResidencyScan {
+    bits: Vec<u8>,
+    chunk: Option<u64>,
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::AddressSpace;
 use crate::perms::Perms;
@@ -51,6 +52,9 @@ pub struct Stats {
     /// Bytes of populated private pages (this space's own memory, possibly
     /// shared copy-on-write with forks).
     pub private_bytes: u64,
+    /// Bytes of MemoryFile pages under this space's pmas that are resident
+    /// (a page populated but never touched commits nothing).
+    pub committed_bytes: u64,
     /// Faults handled (including refused ones).
     pub faults: u64,
     /// Fault-around windows installed.
@@ -90,11 +94,30 @@ impl AddressSpace {
         out
     }
 
-    /// Sizes and counters.
+    /// Bytes that got pmas over the space's life (cheap: no lock).
+    pub fn populated_total(&self) -> u64 {
+        self.counters.populated_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Sizes and counters. Counting committed bytes scans residency
+    /// (`mincore`) of this space's memory.
     pub fn stats(&self) -> Stats {
         let mapping = self.read_mapping();
         let active = self.lock_active();
         let c = &self.counters;
+        let memfile_ranges: Vec<crate::range::FileRange> = active
+            .pmas
+            .iter()
+            .filter(|(_, p)| std::ptr::addr_eq(Arc::as_ptr(&p.file), Arc::as_ptr(&self.memfile)))
+            .map(|(r, p)| p.file_range(r, r))
+            .collect();
+        let committed_bytes = self
+            .memfile
+            .committed_in(&memfile_ranges)
+            .unwrap_or_else(|e| {
+                log::warn!("space {}: committed bytes unknown: {e}", self.id);
+                0
+            });
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         Stats {
             vmas: mapping.vmas.len(),
@@ -107,6 +130,7 @@ impl AddressSpace {
                 .filter(|(_, p)| p.private)
                 .map(|(r, _)| r.len())
                 .sum(),
+            committed_bytes,
             faults: load(&c.faults),
             windows: load(&c.windows),
             populated_total: load(&c.populated_bytes),
