@@ -100,9 +100,15 @@ impl Rng {
 enum Kind {
     Anon,
     /// Private mapping of host file `file` from page `page` on.
-    File { file: usize, page: u64 },
+    File {
+        file: usize,
+        page: u64,
+    },
     /// Shared mapping of object `obj` from page `page` on.
-    Shm { obj: usize, page: u64 },
+    Shm {
+        obj: usize,
+        page: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,7 +293,10 @@ impl Model {
         let id = self.next_id;
         self.next_id += 1;
         self.data.insert(id, (copy, 1));
-        self.spaces[s].as_mut().unwrap()[p as usize].as_mut().unwrap().data = Some(id);
+        self.spaces[s].as_mut().unwrap()[p as usize]
+            .as_mut()
+            .unwrap()
+            .data = Some(id);
     }
 
     fn unmap(&mut self, s: usize, start: u64, pages: u64) {
@@ -362,6 +371,7 @@ fn fault_kind(e: &FaultError) -> &'static str {
 }
 
 fn compare<T, E: std::fmt::Debug>(
+    outcomes: &mut HashMap<String, u64>,
     what: &str,
     got: &Result<T, E>,
     kind: impl Fn(&E) -> &'static str,
@@ -371,6 +381,11 @@ fn compare<T, E: std::fmt::Debug>(
         Ok(_) => Expect::Ok,
         Err(e) => Expect::Err(kind(e)),
     };
+    let name = match got_kind {
+        Expect::Ok => "Ok",
+        Expect::Err(k) => k,
+    };
+    *outcomes.entry(format!("{what} {name}")).or_default() += 1;
     if got_kind != want {
         let detail = match got {
             Ok(_) => "Ok".to_string(),
@@ -398,6 +413,9 @@ struct World {
     objs: Vec<Arc<SharedMemory>>,
     spaces: Vec<Option<Space>>,
     model: Model,
+    /// Outcomes per op kind (`"map Ok"`, `"Write fault Permission"`, …),
+    /// printed so a run shows what it exercised.
+    outcomes: HashMap<String, u64>,
 }
 
 fn fd_read(fd: RawFd, off: u64, buf: &mut [u8]) -> Result<(), String> {
@@ -473,6 +491,7 @@ impl World {
             objs,
             spaces: (0..SLOTS).map(|_| None).collect(),
             model,
+            outcomes: HashMap::new(),
         };
         w.create(0);
         w.create(OTHER);
@@ -519,9 +538,12 @@ impl World {
         let span = |rng: &mut Rng, start: u64, max: u64| rng.range(1, max.min(pages - start));
         match rng.below(100) {
             0..=9 => {
-                let len = span(rng, 0, self.cfg.max_map_pages);
+                let mut len = span(rng, 0, self.cfg.max_map_pages);
                 let kind = if space == OTHER || rng.chance(30) {
                     let obj = rng.below(OBJ_PAGES.len() as u64) as usize;
+                    if rng.chance(90) {
+                        len = len.min(OBJ_PAGES[obj]);
+                    }
                     let room = OBJ_PAGES[obj].saturating_sub(len);
                     Kind::Shm {
                         obj,
@@ -533,6 +555,9 @@ impl World {
                     }
                 } else if rng.chance(35) {
                     let file = rng.below(FILE_PAGES.len() as u64) as usize;
+                    if rng.chance(95) {
+                        len = len.min(FILE_PAGES[file]);
+                    }
                     let room = FILE_PAGES[file].saturating_sub(len);
                     Kind::File {
                         file,
@@ -693,14 +718,23 @@ impl World {
                 perms,
                 max,
                 precommit,
-            } if present(space) => self.map(space, kind, place, align_pages, pages, perms, max, precommit),
+            } if present(space) => self.map(
+                space,
+                kind,
+                place,
+                align_pages,
+                pages,
+                perms,
+                max,
+                precommit,
+            ),
             Op::Unmap {
                 space,
                 start,
                 pages,
             } if present(space) => {
                 let got = self.sp(space).space.unmap(BASE + start * PS, pages * PS);
-                compare("unmap", &got, mm_kind, Expect::Ok)?;
+                compare(&mut self.outcomes, "unmap", &got, mm_kind, Expect::Ok)?;
                 self.model.unmap(space, start, pages);
                 Ok(())
             }
@@ -725,7 +759,7 @@ impl World {
                     .sp(space)
                     .space
                     .protect(BASE + start * PS, pages * PS, perms);
-                compare("protect", &got, mm_kind, want)?;
+                compare(&mut self.outcomes, "protect", &got, mm_kind, want)?;
                 if got.is_ok() {
                     for p in start..start + pages {
                         self.model.spaces[space].as_mut().unwrap()[p as usize]
@@ -747,7 +781,7 @@ impl World {
                     Expect::Err("NotMapped")
                 };
                 let got = self.sp(space).space.decommit(BASE + start * PS, pages * PS);
-                compare("decommit", &got, mm_kind, want)?;
+                compare(&mut self.outcomes, "decommit", &got, mm_kind, want)?;
                 if got.is_ok() {
                     for p in start..start + pages {
                         let pg = *self.model.page(space, p).unwrap();
@@ -776,9 +810,13 @@ impl World {
             } if present(space) => {
                 let want = self.model.io_expect(space, gpa, len, Access::Read, force);
                 let mut buf = vec![0u8; len as usize];
-                let o = if force { IoOpts::FORCE } else { IoOpts::default() };
+                let o = if force {
+                    IoOpts::FORCE
+                } else {
+                    IoOpts::default()
+                };
                 let got = self.sp(space).space.read_with(BASE + gpa, &mut buf, o);
-                compare("read", &got, mm_kind, want)?;
+                compare(&mut self.outcomes, "read", &got, mm_kind, want)?;
                 if got.is_ok() {
                     self.compare_bytes(space, gpa, &buf, "host read")?;
                 }
@@ -796,14 +834,18 @@ impl World {
                 let buf: Vec<u8> = (0..len)
                     .map(|i| if zero { 0 } else { byte.wrapping_add(i as u8) })
                     .collect();
-                let o = if force { IoOpts::FORCE } else { IoOpts::default() };
+                let o = if force {
+                    IoOpts::FORCE
+                } else {
+                    IoOpts::default()
+                };
                 let sp = &self.sp(space).space;
                 let got = if zero {
                     sp.zero(BASE + gpa, len, o)
                 } else {
                     sp.write_with(BASE + gpa, &buf, o)
                 };
-                compare("write", &got, mm_kind, want)?;
+                compare(&mut self.outcomes, "write", &got, mm_kind, want)?;
                 if got.is_ok() {
                     let mut done = 0u64;
                     while done < len {
@@ -819,7 +861,7 @@ impl World {
             Op::Fork { parent, child } if present(parent) && !present(child) => {
                 let be = Arc::new(RecordingBackend::new());
                 let got = self.sp(parent).space.fork(be.clone());
-                compare("fork", &got, mm_kind, Expect::Ok)?;
+                compare(&mut self.outcomes, "fork", &got, mm_kind, Expect::Ok)?;
                 self.spaces[child] = Some(Space {
                     space: got.unwrap(),
                     be,
@@ -837,6 +879,7 @@ impl World {
                 if space < FAMILY && self.family() == 1 {
                     return Ok(());
                 }
+                self.tally(space);
                 self.spaces[space] = None;
                 let pages = self.model.spaces[space].take().unwrap();
                 for pg in pages.iter().flatten() {
@@ -849,8 +892,15 @@ impl World {
                 Ok(())
             }
             Op::ObjDecommit { obj, start, pages } => {
-                let got = self.objs[obj].decommit(Range::new(start * PS, (start + pages) * PS).unwrap());
-                compare("object decommit", &got, |_| "File", Expect::Ok)?;
+                let got =
+                    self.objs[obj].decommit(Range::new(start * PS, (start + pages) * PS).unwrap());
+                compare(
+                    &mut self.outcomes,
+                    "object decommit",
+                    &got,
+                    |_| "File",
+                    Expect::Ok,
+                )?;
                 for p in start..start + pages {
                     self.model.objs[obj][p as usize] = None;
                 }
@@ -885,13 +935,17 @@ impl World {
     ) -> Result<(), String> {
         let mut o = match kind {
             Kind::Anon => MapOpts::anonymous(pages * PS),
-            Kind::File { file, page } => {
-                MapOpts::object(self.files[file].clone() as Arc<dyn Mappable>, page * PS, pages * PS)
-            }
-            Kind::Shm { obj, page } => {
-                MapOpts::object(self.objs[obj].clone() as Arc<dyn Mappable>, page * PS, pages * PS)
-                    .shared()
-            }
+            Kind::File { file, page } => MapOpts::object(
+                self.files[file].clone() as Arc<dyn Mappable>,
+                page * PS,
+                pages * PS,
+            ),
+            Kind::Shm { obj, page } => MapOpts::object(
+                self.objs[obj].clone() as Arc<dyn Mappable>,
+                page * PS,
+                pages * PS,
+            )
+            .shared(),
         }
         .perms(perms)
         .max_perms(max)
@@ -941,7 +995,7 @@ impl World {
             Ok(_) => Expect::Ok,
             Err(k) => Expect::Err(k),
         };
-        compare("map", &got, mm_kind, want_kind)?;
+        compare(&mut self.outcomes, "map", &got, mm_kind, want_kind)?;
         let (Ok(gpa), Ok(at)) = (got, want) else {
             return Ok(());
         };
@@ -992,7 +1046,13 @@ impl World {
         };
         if spurious || !usable(self.sp(space)) {
             let got = self.sp(space).space.handle_fault(addr, access);
-            compare(&format!("{access} fault"), &got, fault_kind, want)?;
+            compare(
+                &mut self.outcomes,
+                &format!("{access} fault"),
+                &got,
+                fault_kind,
+                want,
+            )?;
             if got.is_err() {
                 return Ok(());
             }
@@ -1002,7 +1062,10 @@ impl World {
                     self.sp(space).be.installed_at(addr)
                 ));
             }
-        } else if want != Expect::Ok && access != Access::Execute {
+        } else {
+            *self.outcomes.entry(format!("{access} direct")).or_default() += 1;
+        }
+        if want != Expect::Ok && access != Access::Execute {
             return Err(format!(
                 "{access} at {addr:#x} served by an install the model forbids: {want:?}"
             ));
@@ -1113,7 +1176,9 @@ impl World {
             for gpa in (r.start()..r.end()).step_by(PS as usize) {
                 let p = (gpa - BASE) / PS;
                 let Some(pg) = self.model.page(s, p) else {
-                    return Err(format!("space {s}: {gpa:#x} installed ({inst:?}) but not mapped"));
+                    return Err(format!(
+                        "space {s}: {gpa:#x} installed ({inst:?}) but not mapped"
+                    ));
                 };
                 if !pg.perms.read {
                     return Err(format!(
@@ -1162,22 +1227,49 @@ impl World {
         Ok(())
     }
 
+    /// Adds a space's copy-on-write counters to the outcomes.
+    fn tally(&mut self, s: usize) {
+        let st = self.sp(s).space.stats();
+        for (k, v) in [
+            ("stat cow_copies", st.cow_copies),
+            ("stat cow_takeovers", st.cow_takeovers),
+            ("stat faults", st.faults),
+            ("stat populated_total pages", st.populated_total / PS),
+        ] {
+            *self.outcomes.entry(k.to_string()).or_default() += v;
+        }
+    }
+
     /// Drops everything and checks nothing is left allocated or committed.
-    fn teardown(mut self) -> Result<(), String> {
+    fn teardown(&mut self) -> Result<(), String> {
+        for s in self.live() {
+            self.tally(s);
+        }
         self.spaces.iter_mut().for_each(|s| *s = None);
         self.objs.clear();
         for (i, f) in self.files.iter().enumerate() {
             if f.refs() != 0 {
-                return Err(format!("host file {i}: got {} refs after teardown, want 0", f.refs()));
+                return Err(format!(
+                    "host file {i}: got {} refs after teardown, want 0",
+                    f.refs()
+                ));
             }
         }
         let allocated = self.mf.allocated_bytes();
         if allocated != 0 {
-            return Err(format!("teardown: got {allocated:#x} bytes allocated, want 0"));
+            return Err(format!(
+                "teardown: got {allocated:#x} bytes allocated, want 0"
+            ));
         }
-        let committed = self.mf.usage().map_err(|e| e.to_string())?.total_committed();
+        let committed = self
+            .mf
+            .usage()
+            .map_err(|e| e.to_string())?
+            .total_committed();
         if committed != 0 {
-            return Err(format!("teardown: got {committed:#x} bytes committed, want 0"));
+            return Err(format!(
+                "teardown: got {committed:#x} bytes committed, want 0"
+            ));
         }
         Ok(())
     }
@@ -1202,7 +1294,11 @@ fn catch<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
 }
 
 /// Generates and runs one case; returns the ops run and the outcome.
-fn run_generated(cfg: Config, seed: u64) -> (Vec<Op>, usize, Result<(), Failure>) {
+fn run_generated(
+    cfg: Config,
+    seed: u64,
+    outcomes: &mut HashMap<String, u64>,
+) -> (Vec<Op>, usize, Result<(), Failure>) {
     let mut rng = Rng(seed);
     let mut world = World::new(cfg, seed);
     let mut ops = Vec::with_capacity(cfg.ops_per_case);
@@ -1224,6 +1320,9 @@ fn run_generated(cfg: Config, seed: u64) -> (Vec<Op>, usize, Result<(), Failure>
         }
     }
     let r = catch(|| world.teardown()).map_err(|e| (None, e));
+    for (k, v) in world.outcomes.drain() {
+        *outcomes.entry(k).or_default() += v;
+    }
     (ops, counted, r)
 }
 
@@ -1278,8 +1377,9 @@ fn run(cfg: Config) {
     };
     let t0 = Instant::now();
     let mut total = 0;
+    let mut outcomes = HashMap::new();
     for seed in seeds {
-        let (ops, counted, result) = run_generated(cfg, seed);
+        let (ops, counted, result) = run_generated(cfg, seed, &mut outcomes);
         total += counted;
         let Err((at, msg)) = result else { continue };
         let hook = std::panic::take_hook();
@@ -1301,8 +1401,10 @@ fn run(cfg: Config) {
             shrunk.len()
         );
     }
+    let mut outcomes: Vec<_> = outcomes.into_iter().collect();
+    outcomes.sort();
     eprintln!(
-        "{}: {total} ops in {:.1?} ({:?})",
+        "{}: {total} ops in {:.1?} ({:?})\n{outcomes:?}",
         cfg.name,
         t0.elapsed(),
         cfg
@@ -1317,7 +1419,7 @@ fn model_small_fault_around_4k() {
         fault_around: PS,
         fault_around_max: 64 << 10,
         max_map_pages: 32,
-        cases: 8,
+        cases: 14,
         ops_per_case: 2000,
         check_all_every: 250,
     });
@@ -1331,7 +1433,7 @@ fn model_small_fault_around_16k() {
         fault_around: 16 << 10,
         fault_around_max: 64 << 10,
         max_map_pages: 48,
-        cases: 8,
+        cases: 14,
         ops_per_case: 2000,
         check_all_every: 250,
     });
@@ -1345,7 +1447,7 @@ fn model_default_fault_around_2m() {
         fault_around: 2 << 20,
         fault_around_max: 32 << 20,
         max_map_pages: 768,
-        cases: 2,
+        cases: 4,
         ops_per_case: 1000,
         check_all_every: 500,
     });
