@@ -97,6 +97,9 @@ impl AddressSpace {
     /// Writes zeros over `len` bytes at `gpa` (respecting protections unless
     /// `opts.ignore_permissions`).
     pub fn zero(&self, gpa: u64, len: u64, opts: IoOpts) -> Result<(), MmError> {
+        // Check (and populate) the whole range first, so a bad range fails
+        // before the first chunk is written.
+        self.with_pieces(gpa, len as usize, Access::Write, opts, |_| Ok(()))?;
         let zeros = vec![0u8; len.min(1 << 20) as usize];
         let mut done = 0;
         while done < len {

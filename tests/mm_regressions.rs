@@ -1,0 +1,41 @@
+//! Regression tests, one per bug found, named after the scenario.
+
+use std::sync::Arc;
+
+use guestmm::memfile::{MemoryFile, MemoryFileOptions};
+use guestmm::mm::{AddressSpace, AddressSpaceOptions, IoOpts, MapOpts, MmError, RecordingBackend};
+use guestmm::{Access, RangeError};
+
+const PS: u64 = 4096;
+const MIB: u64 = 1 << 20;
+
+fn setup() -> (Arc<MemoryFile>, Arc<RecordingBackend>, Arc<AddressSpace>) {
+    let mf = Arc::new(MemoryFile::new("regressions", MemoryFileOptions::default()).unwrap());
+    let be = Arc::new(RecordingBackend::new());
+    let space = AddressSpace::new(mf.clone(), be.clone(), AddressSpaceOptions::default()).unwrap();
+    (mf, be, space)
+}
+
+#[test]
+fn zero_over_a_partly_unmapped_range_writes_nothing() {
+    let (mf, be, space) = setup();
+    let gpa = space
+        .map(MapOpts::anonymous(2 * MIB).fixed(1 << 30))
+        .unwrap();
+    space.write(gpa, &[0xEE; 16]).unwrap();
+    let populated = space.stats().populated_bytes;
+    let calls = be.calls();
+    // The first 1 MiB chunk is mapped, the range runs past the vma's end.
+    let got = space.zero(gpa, 3 * MIB, IoOpts::default());
+    assert!(
+        matches!(got, Err(MmError::NotMapped { .. })),
+        "got {got:?}, want NotMapped"
+    );
+    let mut buf = [0u8; 16];
+    space.read(gpa, &mut buf).unwrap();
+    assert_eq!(buf, [0xEE; 16], "got {buf:?}, want the bytes untouched");
+    assert_eq!(space.stats().populated_bytes, populated);
+    assert_eq!(be.calls(), calls);
+    drop(space);
+    assert_eq!(mf.allocated_bytes(), 0);
+}
