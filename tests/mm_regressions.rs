@@ -6,7 +6,6 @@ use guestmm::memfile::{MemoryFile, MemoryFileOptions};
 use guestmm::mm::{AddressSpace, AddressSpaceOptions, IoOpts, MapOpts, MmError, RecordingBackend};
 use guestmm::{Access, RangeError};
 
-const PS: u64 = 4096;
 const MIB: u64 = 1 << 20;
 
 fn setup() -> (Arc<MemoryFile>, Arc<RecordingBackend>, Arc<AddressSpace>) {
@@ -38,4 +37,37 @@ fn zero_over_a_partly_unmapped_range_writes_nothing() {
     assert_eq!(be.calls(), calls);
     drop(space);
     assert_eq!(mf.allocated_bytes(), 0);
+}
+
+#[test]
+fn zero_length_pin_at_an_unaligned_address_is_refused() {
+    let (mf, _be, space) = setup();
+    let gpa = space
+        .map(MapOpts::anonymous(2 * MIB).fixed(1 << 30))
+        .unwrap();
+    // Used to pin (and populate) the page holding gpa + 5.
+    let got = space.pin(gpa + 5, 0, Access::Read, IoOpts::default());
+    assert!(
+        matches!(got, Err(MmError::Range(RangeError::Empty { .. }))),
+        "got {got:?}, want Range(Empty)"
+    );
+    assert_eq!(space.stats().populated_bytes, 0);
+    drop(space);
+    assert_eq!(mf.allocated_bytes(), 0);
+}
+
+#[test]
+fn pin_whose_end_overflows_reports_overflow() {
+    let (_mf, _be, space) = setup();
+    // Used to saturate the end and report an unaligned range.
+    let got = space.pin(u64::MAX - 10, 100, Access::Read, IoOpts::default());
+    assert!(
+        matches!(got, Err(MmError::Range(RangeError::Overflow { .. }))),
+        "got {got:?}, want Range(Overflow)"
+    );
+    let got = space.pin(u64::MAX - 10, 5, Access::Read, IoOpts::default());
+    assert!(
+        matches!(got, Err(MmError::OutOfSpace { .. })),
+        "got {got:?}, want OutOfSpace"
+    );
 }

@@ -113,6 +113,11 @@ impl AddressSpace {
     /// Populates `[gpa, gpa + len)` for `access` and holds a reference on its
     /// pages until [`unpin`](Self::unpin), even across unmap.
     pub fn pin(&self, gpa: u64, len: u64, access: Access, opts: IoOpts) -> Result<Pin, MmError> {
+        let bytes = Range::from_len(gpa, len)?;
+        if bytes.is_empty() {
+            return Err(crate::range::RangeError::Empty { start: gpa }.into());
+        }
+        self.check_in_space(bytes)?;
         let range = Range::pages(
             page_round_down(gpa),
             align_up(gpa.saturating_add(len), PAGE_SIZE).unwrap_or(u64::MAX) - page_round_down(gpa),
