@@ -71,3 +71,36 @@ fn pin_whose_end_overflows_reports_overflow() {
         "got {got:?}, want OutOfSpace"
     );
 }
+
+#[test]
+fn unpin_of_another_spaces_pin_releases_nothing() {
+    let (mf, _be, a) = setup();
+    let b = AddressSpace::new(
+        mf.clone(),
+        Arc::new(RecordingBackend::new()),
+        AddressSpaceOptions::default(),
+    )
+    .unwrap();
+    let ga = a.map(MapOpts::anonymous(2 * MIB).fixed(1 << 30)).unwrap();
+    let gb = b.map(MapOpts::anonymous(2 * MIB).fixed(1 << 30)).unwrap();
+    // Both pins get id 1 in their own space.
+    let pa = a.pin(ga, 4096, Access::Read, IoOpts::default()).unwrap();
+    let pb = b.pin(gb, 4096, Access::Read, IoOpts::default()).unwrap();
+    b.unmap(gb, 2 * MIB).unwrap();
+    let allocated = mf.allocated_bytes();
+    // Used to release b's own pin (same id), freeing a page still pinned.
+    let got = b.unpin(pa);
+    assert!(
+        matches!(got, Err(MmError::ForeignPin { .. })),
+        "got {got:?}, want ForeignPin"
+    );
+    assert_eq!(
+        mf.allocated_bytes(),
+        allocated,
+        "b's pinned page is still held"
+    );
+    b.unpin(pb).unwrap();
+    assert_eq!(mf.allocated_bytes(), allocated - 4096);
+    drop(a);
+    assert_eq!(mf.allocated_bytes(), 0, "a's pin is released when a drops");
+}

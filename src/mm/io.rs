@@ -30,6 +30,8 @@ impl IoOpts {
 #[must_use = "a pin holds pages until unpinned"]
 pub struct Pin {
     id: u64,
+    /// Id of the space that holds the pin.
+    space: u64,
     range: GuestRange,
 }
 
@@ -132,11 +134,22 @@ impl AddressSpace {
         let id = active.next_pin;
         active.next_pin += 1;
         active.pins.insert(id, held);
-        Ok(Pin { id, range })
+        Ok(Pin {
+            id,
+            space: self.id,
+            range,
+        })
     }
 
-    /// Releases a pin.
+    /// Releases a pin. A pin of another space is refused with
+    /// [`MmError::ForeignPin`] (that space releases it when dropped).
     pub fn unpin(&self, pin: Pin) -> Result<(), MmError> {
+        if pin.space != self.id {
+            return Err(MmError::ForeignPin {
+                pin_space: pin.space,
+                space: self.id,
+            });
+        }
         let held = self.lock_active().pins.remove(&pin.id).unwrap_or_default();
         for (file, fr) in held {
             file.dec_ref(fr)?;
