@@ -138,6 +138,7 @@ fn mm_kind(e: &MmError) -> String {
         MmError::WriteWithoutRead { .. } => "WriteWithoutRead".into(),
         MmError::BadObjectRange { .. } => "BadObjectRange".into(),
         MmError::Permission { .. } => "Permission".into(),
+        MmError::ForeignPin { .. } => "ForeignPin".into(),
         MmError::Fault(f) => format!("Fault::{}", fault_kind(f)),
         MmError::Backend(_) => "Backend".into(),
         MmError::Memory(_) => "Memory".into(),
@@ -758,4 +759,18 @@ fn bad_options_are_refused() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(mf.allocated_bytes(), 0);
+}
+
+#[test]
+fn unpin_of_a_foreign_pin_is_refused() {
+    let f = fixture();
+    let other = fixture();
+    let pin = other
+        .space
+        .pin(ANON, PS, Access::Read, IoOpts::default())
+        .unwrap();
+    let before = snapshot(&f);
+    let got = f.space.unpin(pin).map_err(|e| mm_kind(&e));
+    assert_eq!(got, Err("ForeignPin".to_string()), "got {got:?}");
+    assert_eq!(snapshot(&f), before);
 }

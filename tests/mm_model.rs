@@ -353,6 +353,7 @@ fn mm_kind(e: &MmError) -> &'static str {
         MmError::WriteWithoutRead { .. } => "WriteWithoutRead",
         MmError::BadObjectRange { .. } => "BadObjectRange",
         MmError::Permission { .. } => "Permission",
+        MmError::ForeignPin { .. } => "ForeignPin",
         MmError::Fault(_) => "Fault",
         MmError::Backend(_) => "Backend",
         MmError::Memory(_) => "Memory",
