@@ -104,3 +104,48 @@ fn unpin_of_another_spaces_pin_releases_nothing() {
     drop(a);
     assert_eq!(mf.allocated_bytes(), 0, "a's pin is released when a drops");
 }
+
+/// Reads what the backend shows the guest at `gpa`.
+fn guest_view(be: &RecordingBackend, gpa: u64, len: usize) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let (r, inst) = be.installed_at(gpa)?;
+    // SAFETY: the fd belongs to the test's live MemoryFile; ManuallyDrop
+    // keeps it open.
+    let f = std::mem::ManuallyDrop::new(unsafe {
+        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(inst.fd)
+    });
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, inst.file_offset + (gpa - r.start()))
+        .unwrap();
+    Some(buf)
+}
+
+#[test]
+fn failed_install_after_cow_break_leaves_no_stale_page_in_the_guest() {
+    let (_mf, be, parent) = setup();
+    let gpa = parent
+        .map(MapOpts::anonymous(2 * MIB).fixed(1 << 30))
+        .unwrap();
+    parent.write(gpa, b"old").unwrap();
+    parent.handle_fault(gpa, Access::Read).unwrap();
+    let child_be = Arc::new(RecordingBackend::new());
+    let child = parent.fork(child_be.clone()).unwrap();
+    // The parent's write copies the page, then the backend refuses to
+    // install the copy (e.g. out of memslots).
+    be.fail_installs_after(Some(0));
+    assert!(parent.write(gpa, b"new").is_err());
+    be.fail_installs_after(None);
+    // The child, now sole owner of the old page, writes it in place.
+    child.handle_fault(gpa, Access::Write).unwrap();
+    child.write(gpa, b"kid").unwrap();
+    // Used to keep showing the parent's guest the old page, i.e. the
+    // child's writes.
+    let seen = guest_view(&be, gpa, 3);
+    assert!(
+        seen.as_deref().is_none_or(|b| b != b"kid"),
+        "got parent guest seeing {seen:?}, want nothing installed or the parent's own page"
+    );
+    let mut buf = [0u8; 3];
+    parent.read(gpa, &mut buf).unwrap();
+    assert_ne!(&buf, b"kid");
+}
