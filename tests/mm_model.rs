@@ -196,12 +196,22 @@ enum Op {
         pages: u64,
     },
     CheckAll,
+    /// The space's backend refuses installs after `after` more succeed,
+    /// during the next four ops (out of memslots): they may fail with a
+    /// backend error and must leave nothing stale installed.
+    FailInstalls {
+        space: usize,
+        after: usize,
+    },
 }
 
 impl Op {
     /// True for ops that exercise the mm (not read-back checks).
     fn counts(&self) -> bool {
-        !matches!(self, Op::Check { .. } | Op::CheckAll)
+        !matches!(
+            self,
+            Op::Check { .. } | Op::CheckAll | Op::FailInstalls { .. }
+        )
     }
 }
 
@@ -232,6 +242,11 @@ struct Model {
     next_id: u64,
     objs: Vec<Vec<Option<Vec<u8>>>>,
     files: Vec<Vec<u8>>,
+}
+
+thread_local! {
+    /// True while an op runs with installs failing (see `Op::FailInstalls`).
+    static FAILING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 static ZERO_PAGE: [u8; PS as usize] = [0; PS as usize];
@@ -382,6 +397,12 @@ fn compare<T, E: std::fmt::Debug>(
         Ok(_) => Expect::Ok,
         Err(e) => Expect::Err(kind(e)),
     };
+    // Injected install failures may fail any op that installs.
+    let want = if got_kind == Expect::Err("Backend") && FAILING.with(|f| f.get()) {
+        got_kind
+    } else {
+        want
+    };
     let name = match got_kind {
         Expect::Ok => "Ok",
         Expect::Err(k) => k,
@@ -417,6 +438,8 @@ struct World {
     /// Outcomes per op kind (`"map Ok"`, `"Write fault Permission"`, …),
     /// printed so a run shows what it exercised.
     outcomes: HashMap<String, u64>,
+    /// The space whose backend refuses installs, and for how many more ops.
+    failing: Option<(usize, usize)>,
 }
 
 fn fd_read(fd: RawFd, off: u64, buf: &mut [u8]) -> Result<(), String> {
@@ -493,6 +516,7 @@ impl World {
             spaces: (0..SLOTS).map(|_| None).collect(),
             model,
             outcomes: HashMap::new(),
+            failing: None,
         };
         w.create(0);
         w.create(OTHER);
@@ -687,6 +711,10 @@ impl World {
                     Op::CheckAll
                 }
             }
+            90..=91 if rng.chance(60) => Op::FailInstalls {
+                space,
+                after: rng.below(3) as usize,
+            },
             90..=93 => {
                 let obj = rng.below(OBJ_PAGES.len() as u64) as usize;
                 let start = rng.below(OBJ_PAGES[obj]);
@@ -708,6 +736,34 @@ impl World {
 
     /// Runs one op against the real system and the model.
     fn apply(&mut self, op: &Op) -> Result<(), String> {
+        if let Op::FailInstalls { space, after } = *op {
+            if let Some(sp) = self
+                .failing
+                .take()
+                .and_then(|(s, _)| self.spaces[s].as_ref())
+            {
+                sp.be.fail_installs_after(None);
+            }
+            if let Some(sp) = &self.spaces[space] {
+                sp.be.fail_installs_after(Some(after));
+                self.failing = Some((space, 4));
+            }
+            return Ok(());
+        }
+        FAILING.with(|f| f.set(self.failing.is_some()));
+        let r = self.apply_op(op);
+        FAILING.with(|f| f.set(false));
+        if let Some((s, left)) = self.failing.take() {
+            match &self.spaces[s] {
+                Some(sp) if left <= 1 => sp.be.fail_installs_after(None),
+                Some(_) => self.failing = Some((s, left - 1)),
+                None => {}
+            }
+        }
+        r
+    }
+
+    fn apply_op(&mut self, op: &Op) -> Result<(), String> {
         let present = |s: usize| self.spaces.get(s).is_some_and(|x| x.is_some());
         match *op {
             Op::Map {
@@ -997,8 +1053,11 @@ impl World {
             Err(k) => Expect::Err(k),
         };
         compare(&mut self.outcomes, "map", &got, mm_kind, want_kind)?;
-        let (Ok(gpa), Ok(at)) = (got, want) else {
-            return Ok(());
+        let (gpa, at) = match (got, want) {
+            (Ok(gpa), Ok(at)) => (gpa, at),
+            // A precommit whose install failed leaves the vma mapped.
+            (Err(MmError::Backend(_)), Ok(at)) => (BASE + at * PS, at),
+            _ => return Ok(()),
         };
         if gpa != BASE + at * PS {
             return Err(format!(
