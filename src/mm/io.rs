@@ -30,6 +30,8 @@ impl IoOpts {
 #[must_use = "a pin holds pages until unpinned"]
 pub struct Pin {
     id: u64,
+    /// Id of the space that holds the pin.
+    space: u64,
     range: GuestRange,
 }
 
@@ -97,6 +99,9 @@ impl AddressSpace {
     /// Writes zeros over `len` bytes at `gpa` (respecting protections unless
     /// `opts.ignore_permissions`).
     pub fn zero(&self, gpa: u64, len: u64, opts: IoOpts) -> Result<(), MmError> {
+        // Check (and populate) the whole range first, so a bad range fails
+        // before the first chunk is written.
+        self.with_pieces(gpa, len as usize, Access::Write, opts, |_| Ok(()))?;
         let zeros = vec![0u8; len.min(1 << 20) as usize];
         let mut done = 0;
         while done < len {
@@ -110,6 +115,11 @@ impl AddressSpace {
     /// Populates `[gpa, gpa + len)` for `access` and holds a reference on its
     /// pages until [`unpin`](Self::unpin), even across unmap.
     pub fn pin(&self, gpa: u64, len: u64, access: Access, opts: IoOpts) -> Result<Pin, MmError> {
+        let bytes = Range::from_len(gpa, len)?;
+        if bytes.is_empty() {
+            return Err(crate::range::RangeError::Empty { start: gpa }.into());
+        }
+        self.check_in_space(bytes)?;
         let range = Range::pages(
             page_round_down(gpa),
             align_up(gpa.saturating_add(len), PAGE_SIZE).unwrap_or(u64::MAX) - page_round_down(gpa),
@@ -124,11 +134,22 @@ impl AddressSpace {
         let id = active.next_pin;
         active.next_pin += 1;
         active.pins.insert(id, held);
-        Ok(Pin { id, range })
+        Ok(Pin {
+            id,
+            space: self.id,
+            range,
+        })
     }
 
-    /// Releases a pin.
+    /// Releases a pin. A pin of another space is refused with
+    /// [`MmError::ForeignPin`] (that space releases it when dropped).
     pub fn unpin(&self, pin: Pin) -> Result<(), MmError> {
+        if pin.space != self.id {
+            return Err(MmError::ForeignPin {
+                pin_space: pin.space,
+                space: self.id,
+            });
+        }
         let held = self.lock_active().pins.remove(&pin.id).unwrap_or_default();
         for (file, fr) in held {
             file.dec_ref(fr)?;

@@ -141,6 +141,14 @@ pub enum MmError {
         /// What the protection allows.
         allowed: Perms,
     },
+    /// A pin was handed to another space's `unpin`.
+    #[error("pin of space {pin_space} cannot be released by space {space}")]
+    ForeignPin {
+        /// The space holding the pin.
+        pin_space: u64,
+        /// The space asked to release it.
+        space: u64,
+    },
     /// Populating memory failed.
     #[error(transparent)]
     Fault(#[from] FaultError),

@@ -338,12 +338,24 @@ impl AddressSpace {
             for (pr, pma) in active.pmas.iter_range(region.range) {
                 let part = pr.intersect(region.range);
                 let fr = pma.file_range(pr, part);
-                self.backend.install(
+                let installed = self.backend.install(
                     part,
                     pma.file.fd(),
                     fr.start(),
                     pma.writable_under(region.perms),
-                )?;
+                );
+                if let Err(e) = installed {
+                    // What the backend still shows in `range` may be pages
+                    // the pmas no longer hold (a copy-on-write just broke):
+                    // hide it so the next access faults.
+                    if let Err(e) = self.backend.remove(range) {
+                        log::error!(
+                            "space {}: removing {range} after a failed install: {e}",
+                            self.id
+                        );
+                    }
+                    return Err(e.into());
+                }
                 installs += 1;
             }
         }
