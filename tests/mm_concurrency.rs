@@ -633,7 +633,7 @@ fn run_racing_workload(seed: u64, ops: u64, mutator_ops: u64, limit: Duration) -
         move || {
             std::thread::scope(|s| {
                 let (sh, be) = (&*sh2, &*be2);
-                let m = s.spawn(move || mutator(sh, &be, WORKERS, seed));
+                let m = s.spawn(move || mutator(sh, be, WORKERS, seed));
                 let ws: Vec<_> = (0..WORKERS)
                     .map(|tid| s.spawn(move || worker(sh, tid, seed, ops, mutator_ops, limit)))
                     .collect();
