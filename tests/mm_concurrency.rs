@@ -780,3 +780,72 @@ fn simultaneous_write_faults_on_a_cow_page_copy_once() {
         }
     });
 }
+
+/// A fault racing `SharedMemory::truncate` must not leave pages past the new
+/// end: once truncate returns, the object holds nothing beyond its size, no
+/// space shows anything there, and faults there are bus errors.
+#[test]
+fn truncate_racing_faults_leaves_nothing_past_the_new_end() {
+    use guestmm::mm::{Mappable, SharedMemory};
+    with_watchdog("truncate vs faults", WATCHDOG, None, || {
+        let (mf, _be, space) = setup();
+        let obj = SharedMemory::new(mf.clone(), 4 * MIB).unwrap();
+        let gpa = space
+            .map(
+                MapOpts::object(obj.clone() as Arc<dyn Mappable>, 0, 4 * MIB)
+                    .shared()
+                    .fixed(A_BASE),
+            )
+            .unwrap();
+        let stop = AtomicBool::new(false);
+        let mut leaks = 0;
+        std::thread::scope(|s| {
+            let faulter = s.spawn(|| {
+                let mut populated = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    match space.handle_fault(gpa + 3 * MIB, Access::Write) {
+                        Ok(p) => populated += (p.populated > 0) as u64,
+                        Err(FaultError::Bus { .. }) => {}
+                        Err(e) => panic!("fault past the end: unexpected error {e}"),
+                    }
+                }
+                populated
+            });
+            // Race for a while once the faulter has populated at least once.
+            while space.stats().populated_bytes == 0 {
+                std::thread::yield_now();
+            }
+            let started = Instant::now();
+            let mut round = 0;
+            while started.elapsed() < Duration::from_secs(1) {
+                round += 1;
+                obj.truncate(2 * MIB).unwrap();
+                let committed = obj.committed();
+                let populated = space.stats().populated_bytes;
+                if committed > 0 || populated > 0 {
+                    leaks += 1;
+                    eprintln!(
+                        "round {round}: after truncate to 2 MiB: object committed {committed:#x}, \
+                         space populated {populated:#x}, want 0 and 0"
+                    );
+                }
+                obj.truncate(4 * MIB).unwrap();
+            }
+            stop.store(true, Ordering::SeqCst);
+            let populating = faulter.join().unwrap();
+            assert!(
+                populating > 0,
+                "the faulter never populated: no race was run"
+            );
+        });
+        assert_eq!(
+            leaks, 0,
+            "a fault racing truncate left pages past the new end in {leaks} rounds"
+        );
+        space.check_invariants().unwrap();
+        check_file_refs(&mf, &[&space], &[&obj]).unwrap();
+        drop(space);
+        drop(obj);
+        assert_eq!(mf.allocated_bytes(), 0);
+    });
+}
