@@ -95,15 +95,7 @@ impl SharedMemory {
             }
             (s.pages.remove_range(range), s.mappers.affected(range))
         };
-        // Mapper pmas hold their own references, so dropping ours after
-        // invalidating is safe in either order; invalidate first so no
-        // mapper keeps showing the old pages.
-        invalidate_all(&affected);
-        for (r, b) in dropped {
-            self.memfile
-                .dec_ref(Range::new_unchecked(b.file_offset, b.file_offset + r.len()))?;
-        }
-        Ok(())
+        self.release(dropped, &affected)
     }
 
     /// Changes the object's size; pages past a smaller size are dropped and
@@ -115,11 +107,36 @@ impl SharedMemory {
                 size: new_size,
             });
         }
-        let old = self.lock().size;
-        if new_size < old {
-            self.decommit(Range::new_unchecked(new_size, old))?;
+        // Shrink and drop the pages in one critical section, so a racing
+        // translate cannot allocate past the new end in between.
+        let (dropped, affected) = {
+            let mut s = self.lock();
+            let old = std::mem::replace(&mut s.size, new_size);
+            if new_size >= old {
+                return Ok(());
+            }
+            let gone = Range::new_unchecked(new_size, old);
+            (s.pages.remove_range(gone), s.mappers.affected(gone))
+        };
+        self.release(dropped, &affected)
+    }
+
+    /// Invalidates the mappers of pages just removed from the object, then
+    /// drops the object's references on them. Mapper pmas hold their own
+    /// references, so either order is safe; invalidating first means no
+    /// mapper keeps showing the old pages.
+    ///
+    /// Preconditions: the object's lock is not held.
+    fn release(
+        &self,
+        dropped: Vec<(Range, Backing)>,
+        affected: &[(Weak<dyn MappingSpace>, GuestRange)],
+    ) -> Result<(), FileError> {
+        invalidate_all(affected);
+        for (r, b) in dropped {
+            self.memfile
+                .dec_ref(Range::new_unchecked(b.file_offset, b.file_offset + r.len()))?;
         }
-        self.lock().size = new_size;
         Ok(())
     }
 
