@@ -169,6 +169,8 @@ fn file_kind(e: &FileError) -> &'static str {
     match e {
         FileError::Memory(_) => "Memory",
         FileError::BeyondEnd { .. } => "BeyondEnd",
+        FileError::BadSize { .. } => "BadSize",
+        FileError::Range(_) => "Range",
         FileError::Access { .. } => "Access",
         FileError::Host { .. } => "Host",
     }
@@ -623,22 +625,22 @@ const CASES: &[(&str, Call, &str)] = &[
     (
         "shm_new_zero",
         |f| file(SharedMemory::new(f.mf.clone(), 0)),
-        "File::BeyondEnd",
+        "File::BadSize",
     ),
     (
         "shm_new_unaligned",
         |f| file(SharedMemory::new(f.mf.clone(), PS + 1)),
-        "File::BeyondEnd",
+        "File::BadSize",
     ),
     (
         "shm_new_overflowing",
         |f| file(SharedMemory::new(f.mf.clone(), u64::MAX)),
-        "File::BeyondEnd",
+        "File::BadSize",
     ),
     (
         "shm_decommit_unaligned",
         |f| file(f.obj.decommit(Range::new(1, PS).unwrap())),
-        "File::BeyondEnd",
+        "File::Range",
     ),
     (
         "shm_decommit_beyond_size",
@@ -648,12 +650,12 @@ const CASES: &[(&str, Call, &str)] = &[
     (
         "shm_truncate_unaligned",
         |f| file(f.obj.truncate(MIB + 1)),
-        "File::BeyondEnd",
+        "File::BadSize",
     ),
     (
         "host_file_empty",
         |_| file(HostFile::new(tempfile("empty"), false)),
-        "File::BeyondEnd",
+        "File::BadSize",
     ),
     (
         "host_file_unaligned_size",
@@ -662,7 +664,7 @@ const CASES: &[(&str, Call, &str)] = &[
             t.write_all(&[1; PS as usize + 1]).unwrap();
             file(HostFile::new(t, false))
         },
-        "File::BeyondEnd",
+        "File::BadSize",
     ),
 ];
 

@@ -48,10 +48,7 @@ impl HostFile {
             })?
             .len();
         if size == 0 || size % PAGE_SIZE != 0 {
-            return Err(FileError::BeyondEnd {
-                range: Range::EMPTY,
-                size,
-            });
+            return Err(FileError::BadSize { size });
         }
         let map = crate::memfile::HostMapping::new(file.as_fd(), size, writable)
             .map_err(|source| FileError::Host { op: "mmap", source })?;

@@ -30,6 +30,15 @@ pub enum FileError {
         /// The object's size.
         size: u64,
     },
+    /// An object size that is zero or not a multiple of the page size.
+    #[error("object size {size:#x} is not a non-zero multiple of the page size")]
+    BadSize {
+        /// The offending size.
+        size: u64,
+    },
+    /// A range argument is malformed (unaligned or overflowing).
+    #[error(transparent)]
+    Range(#[from] crate::range::RangeError),
     /// The object does not allow this access.
     #[error("{access} access not allowed by the object (allows {allowed})")]
     Access {
@@ -119,10 +128,7 @@ pub fn file_copy(
 }
 
 fn byte_range(offset: u64, len: usize) -> Result<FileRange, FileError> {
-    Range::from_len(offset, len as u64).map_err(|_| FileError::BeyondEnd {
-        range: Range::EMPTY,
-        size: u64::MAX,
-    })
+    Ok(Range::from_len(offset, len as u64)?)
 }
 
 impl File for MemoryFile {

@@ -63,10 +63,9 @@ impl SharedMemory {
     /// A zero-filled object of `size` bytes (a non-zero multiple of the page
     /// size); nothing is allocated until it is touched.
     pub fn new(memfile: Arc<MemoryFile>, size: u64) -> Result<Arc<SharedMemory>, FileError> {
-        Range::pages(0, size).map_err(|_| FileError::BeyondEnd {
-            range: Range::EMPTY,
-            size,
-        })?;
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(FileError::BadSize { size });
+        }
         Ok(Arc::new(SharedMemory {
             memfile,
             state: Mutex::new(SharedState {
@@ -87,7 +86,10 @@ impl SharedMemory {
     pub fn decommit(&self, range: Range) -> Result<(), FileError> {
         let (dropped, affected) = {
             let mut s = self.lock();
-            if !range.is_page_aligned() || range.end() > s.size {
+            if !range.is_page_aligned() {
+                return Err(crate::range::RangeError::Unaligned { range }.into());
+            }
+            if range.end() > s.size {
                 return Err(FileError::BeyondEnd {
                     range,
                     size: s.size,
@@ -102,10 +104,7 @@ impl SharedMemory {
     /// their mappers invalidated (later accesses there are bus errors).
     pub fn truncate(&self, new_size: u64) -> Result<(), FileError> {
         if new_size % PAGE_SIZE != 0 {
-            return Err(FileError::BeyondEnd {
-                range: Range::EMPTY,
-                size: new_size,
-            });
+            return Err(FileError::BadSize { size: new_size });
         }
         // Shrink and drop the pages in one critical section, so a racing
         // translate cannot allocate past the new end in between.
