@@ -3,6 +3,9 @@
 //! calls, MemoryFile allocation and object pages are the same before and
 //! after). Table-driven.
 
+mod common;
+use common::tempfile;
+
 use std::io::Write;
 use std::sync::Arc;
 
@@ -34,23 +37,6 @@ struct Fixture {
     space: Arc<AddressSpace>,
     file: Arc<HostFile>,
     obj: Arc<SharedMemory>,
-}
-
-fn tempfile(tag: &str) -> std::fs::File {
-    let path = std::env::temp_dir().join(format!(
-        "guestmm-bad-{}-{tag}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
-    f
 }
 
 fn opts() -> AddressSpaceOptions {

@@ -21,6 +21,9 @@
 //! sequence; `MM_MODEL_SEED=<seed>` replays one case, `MM_MODEL_SCALE=<n>`
 //! multiplies the number of cases.
 
+mod common;
+use common::tempfile;
+
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -455,23 +458,6 @@ fn fd_write(fd: RawFd, off: u64, buf: &[u8]) -> Result<(), String> {
     let f = ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
     f.write_all_at(buf, off)
         .map_err(|e| format!("pwrite fd {fd} at {off:#x}: {e}"))
-}
-
-fn tempfile(tag: &str) -> std::fs::File {
-    let path = std::env::temp_dir().join(format!(
-        "guestmm-model-{}-{tag}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
-    f
 }
 
 fn opts(cfg: &Config) -> AddressSpaceOptions {

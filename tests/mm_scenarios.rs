@@ -1,5 +1,8 @@
 //! Scenario tests of the mm core through the RecordingBackend.
 
+mod common;
+use common::tempfile;
+
 use std::io::Write;
 use std::sync::Arc;
 
@@ -164,7 +167,7 @@ fn fork_is_copy_on_write_and_survivor_takes_over() {
 #[test]
 fn private_host_file_mapping_copies_on_write_and_leaves_the_file() {
     let (mf, be, space) = setup();
-    let mut f = tempfile();
+    let mut f = tempfile("scenario");
     f.write_all(&vec![0xAB; 2 * MIB as usize]).unwrap();
     let hf = HostFile::new(f.try_clone().unwrap(), false).unwrap();
     let gpa = space
@@ -246,23 +249,6 @@ fn precommit_installs_everything_at_map_time() {
         vec![(r(gpa, gpa + 4 * MIB), be.installed_at(0).unwrap().1)]
     );
     assert_eq!(space.stats().populated_bytes, 4 * MIB);
-}
-
-fn tempfile() -> std::fs::File {
-    let path = std::env::temp_dir().join(format!(
-        "guestmm-test-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
-    f
 }
 
 #[test]

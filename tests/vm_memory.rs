@@ -1,6 +1,9 @@
 //! vm-memory's `GuestMemory` / `Bytes<GuestAddress>` over an address space
 //! ([`SpaceMemory`]): lazy population, copy-on-write, errors, `check_range`.
 
+mod common;
+use common::tempfile;
+
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,19 +44,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 fn tempfile_with(byte: u8, len: u64) -> std::fs::File {
-    let path = std::env::temp_dir().join(format!(
-        "guestmm-vmmem-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let mut f = tempfile("vmmem");
     f.write_all(&vec![byte; len as usize]).unwrap();
     f
 }

@@ -4,7 +4,9 @@ use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Arc, Mutex, Weak};
 
-use super::mappable::{File, FileError, Mappable, MapperList, MappingSpace, Translation};
+use super::mappable::{
+    translation_window, File, FileError, Mappable, MapperList, MappingSpace, Translation,
+};
 use crate::memfile::HostSlice;
 use crate::perms::{Access, Perms};
 use crate::range::{FileRange, GuestRange, Range, PAGE_SIZE};
@@ -144,18 +146,7 @@ impl Mappable for HostFile {
         optional: Range,
         _access: Access,
     ) -> Result<Vec<Translation>, FileError> {
-        if required.end() > self.size {
-            return Err(FileError::BeyondEnd {
-                range: required,
-                size: self.size,
-            });
-        }
-        let want = optional.intersect(Range::new_unchecked(0, self.size));
-        let want = if want.is_superset_of(required) {
-            want
-        } else {
-            required
-        };
+        let want = translation_window(required, optional, self.size)?;
         let file: Arc<dyn File> = self.this.upgrade().expect("translate on a live HostFile");
         Ok(vec![Translation {
             source: want,

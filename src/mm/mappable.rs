@@ -163,6 +163,29 @@ pub struct Translation {
     pub perms: Perms,
 }
 
+/// The object offsets a translation covers: `optional` clipped to the
+/// object's `size` if that still holds `required`, else `required` alone.
+///
+/// Errors: `required` reaches past `size` (a bus error for the guest).
+pub(crate) fn translation_window(
+    required: Range,
+    optional: Range,
+    size: u64,
+) -> Result<Range, FileError> {
+    if required.end() > size {
+        return Err(FileError::BeyondEnd {
+            range: required,
+            size,
+        });
+    }
+    let want = optional.intersect(Range::new_unchecked(0, size));
+    Ok(if want.is_superset_of(required) {
+        want
+    } else {
+        required
+    })
+}
+
 /// Something an address space is told about when pages it maps go away.
 pub trait MappingSpace: Send + Sync {
     /// Drops the pmas of `range` (guest-physical) that map the object, so the

@@ -3,7 +3,9 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 
-use super::mappable::{File, FileError, Mappable, MapperList, MappingSpace, Translation};
+use super::mappable::{
+    translation_window, File, FileError, Mappable, MapperList, MappingSpace, Translation,
+};
 use crate::memfile::{MemoryFile, MemoryKind};
 use crate::perms::{Access, Perms};
 use crate::range::{FileRange, GuestRange, Range, PAGE_SIZE};
@@ -203,18 +205,7 @@ impl Mappable for SharedMemory {
         _access: Access,
     ) -> Result<Vec<Translation>, FileError> {
         let mut s = self.lock();
-        if required.end() > s.size {
-            return Err(FileError::BeyondEnd {
-                range: required,
-                size: s.size,
-            });
-        }
-        let want = optional.intersect(Range::new_unchecked(0, s.size));
-        let want = if want.is_superset_of(required) {
-            want
-        } else {
-            required
-        };
+        let want = translation_window(required, optional, s.size)?;
         // Allocate every hole of `want` (one allocation per hole).
         let holes: Vec<Range> = s.pages.gaps(want).collect();
         for hole in holes {
