@@ -15,6 +15,9 @@
 //!   before the owner's last successful write began (a global logical
 //!   clock orders the operations).
 
+mod common;
+use common::rng::Rng;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -42,23 +45,6 @@ const PAGES: u64 = A_PAGES + B_LEN / PAGE;
 const STAMP_MAGIC: u64 = 0xA5A5 << 48;
 /// How long a workload may run before the watchdog declares a deadlock.
 const WATCHDOG: Duration = Duration::from_secs(60);
-
-/// A small deterministic generator (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn page_gpa(i: u64) -> u64 {
     if i < A_PAGES {

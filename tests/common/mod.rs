@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod rng;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A fresh, empty, already-unlinked read-write file (for `HostFile`s).
