@@ -4,13 +4,15 @@
 //! - [`slots`]: [`SlotTable`], the memslot policy;
 //! - [`exits`]: which exits are memory faults, and violation reports;
 //! - [`vcpu`]: the run loop and the VMM's [`ExitHandler`];
-//! - [`vm`]: [`Vm`], tying a KVM VM to an address space.
+//! - [`vm`]: [`Vm`], tying a KVM VM to an address space;
+//! - [`walk`]: a software x86-64 page-table walker.
 
 pub mod exits;
 pub mod slots;
 mod sys;
 pub mod vcpu;
 pub mod vm;
+pub mod walk;
 
 pub use exits::{MemoryExit, MemoryViolation, ViolationKind};
 pub use slots::{SlotStats, SlotTable};
