@@ -7,6 +7,7 @@
 //! - [`vm`]: [`Vm`], tying a KVM VM to an address space;
 //! - [`walk`]: a software x86-64 page-table walker.
 
+mod emulate;
 pub mod exits;
 pub mod slots;
 mod sys;

@@ -195,12 +195,15 @@ pub(crate) struct MappingState {
     pub vmas: SegmentSet<Vma>,
 }
 
+/// File ranges one pin holds a reference on.
+pub(crate) type PinnedRanges = Vec<(Arc<dyn File>, crate::range::FileRange)>;
+
 /// The pmas and fault-around state (protected by `AddressSpace.active`).
 pub(crate) struct ActiveState {
     pub pmas: SegmentSet<Pma>,
     pub fault_around: FaultAround,
     /// Pinned file ranges, by pin id, released by `unpin`.
-    pub pins: std::collections::HashMap<u64, Vec<(Arc<dyn File>, crate::range::FileRange)>>,
+    pub pins: std::collections::HashMap<u64, PinnedRanges>,
     pub next_pin: u64,
 }
 

@@ -96,7 +96,7 @@ pub const GUESTS: &[Guest] = &[
         )
     },
     Guest {
-        min_ram: 32 * MIB,
+        min_ram: 72 * MIB,
         unsupported_exit: Some(100),
         ..guest(
             "simd",
