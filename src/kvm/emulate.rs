@@ -207,10 +207,13 @@ impl Vm {
             Err(Refusal::Host(e)) => return Err(e),
         };
         log::debug!(
-            "vcpu {index}: {form:?} at rip {:#x} insn {:02x?} operand {:?}: {}",
+            "vcpu {index}: {form:?} at rip {:#x} insn {:02x?} operand {}: {}",
             regs.rip,
             f.insn.bytes(),
-            f.insn.operand,
+            f.insn.operand.map_or("none".to_string(), |o| format!(
+                "{} {} bytes at gva {:#x}",
+                o.access, o.size, o.gva
+            )),
             match &resolution {
                 Resolution::Populated => "populated".to_string(),
                 Resolution::NothingNew(_) => "nothing new".to_string(),

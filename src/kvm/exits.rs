@@ -97,6 +97,25 @@ pub enum ViolationKind {
     },
 }
 
+impl std::fmt::Display for ViolationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            ViolationKind::Unmapped => f.write_str("no mapping there"),
+            ViolationKind::Permission { allowed } => write!(f, "protection {allowed}"),
+            ViolationKind::Bus => f.write_str("beyond the mapped object"),
+            ViolationKind::NoProgress => f.write_str("no progress"),
+            ViolationKind::NotInGuestPageTables { gva, level } => write!(
+                f,
+                "gva {gva:#x} not in the guest page tables (level {level} not present)"
+            ),
+            ViolationKind::GuestPageProtection { gva } => {
+                write!(f, "gva {gva:#x} protected by the guest page tables")
+            }
+            ViolationKind::NonCanonical { gva } => write!(f, "gva {gva:#x} not canonical"),
+        }
+    }
+}
+
 /// A memory operand of a decoded instruction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemOperand {
@@ -177,7 +196,7 @@ impl std::fmt::Display for MemoryViolation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "vcpu {}: {} at {:#x} refused: {:?}",
+            "vcpu {}: {} at {:#x} refused: {}",
             self.vcpu, self.access, self.gpa, self.kind
         )?;
         if let Some(rip) = self.rip {
