@@ -15,7 +15,7 @@ pub mod vcpu;
 pub mod vm;
 pub mod walk;
 
-pub use exits::{MemoryExit, MemoryViolation, ViolationKind};
+pub use exits::{FailedInstruction, MemOperand, MemoryExit, MemoryViolation, ViolationKind};
 pub use slots::{SlotStats, SlotTable};
 pub use vcpu::{Action, ExitHandler, VcpuStop};
 pub use vm::{Vm, VmError, VmOptions, VmStats};
