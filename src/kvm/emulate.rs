@@ -21,10 +21,23 @@
 //!   not mapped by the guest's tables / outside every vma ─► violation
 //! ```
 //!
-//! Measured on this project's PVM-based nested hosts: a `vmovdqu ymm` load
-//! or store to a slot-less page is an internal error; an SSE `movdqu` is an
-//! MMIO exit (two 8-byte accesses) and never comes here; an instruction
-//! fetch from a slot-less page is an internal error.
+//! How each class of access to a page without a memslot reached guestmm,
+//! measured on this project's PVM-based nested hosts (`kvm_pvm`, guests at
+//! CPL3, `KVM_CAP_EXIT_ON_EMULATION_FAILURE` on; guests `simd`, `exec`,
+//! `lazypt`, `badstore`):
+//!
+//! | access | exit |
+//! |---|---|
+//! | scalar `mov`, `rep movsb`, `call`'s push, locked RMW | MMIO |
+//! | SSE `movdqu`/`movaps` load or store (also straddling two pages) | MMIO, 2 × 8 bytes |
+//! | AVX `vmovdqu ymm` load or store (also straddling two pages) | internal error |
+//! | instruction fetch (also an instruction straddling into such a page) | internal error |
+//! | instruction fetch whose page walk reads a table page without a slot | shutdown |
+//! | AVX store to a GPA outside every vma | internal error → violation |
+//! | AVX store to a GVA the guest's page tables do not map | shutdown (the guest's #PF, no IDT) → violation |
+//! | scalar load from a non-canonical address | shutdown (the guest's #GP) → violation |
+//!
+//! MMIO exits are resolved in [`super::vcpu`] and never come here.
 //!
 //! Not modelled: VSIB (gather/scatter) operands, whose addresses need vector
 //! registers; 32-bit and PAE paging (KVM's `KVM_TRANSLATE` is used there).

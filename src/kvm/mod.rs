@@ -5,9 +5,11 @@
 //! - [`exits`]: which exits are memory faults, and violation reports;
 //! - [`vcpu`]: the run loop and the VMM's [`ExitHandler`];
 //! - [`vm`]: [`Vm`], tying a KVM VM to an address space;
+//! - [`emulate`]: resolving emulation failures (what an instruction KVM
+//!   could not complete needs);
 //! - [`walk`]: a software x86-64 page-table walker.
 
-mod emulate;
+pub mod emulate;
 pub mod exits;
 pub mod slots;
 mod sys;
