@@ -2,6 +2,8 @@
  * lazypt: builds a 4-level page-table hierarchy in never-touched RAM, maps
  * VA 0x7f00_0000_0000 (4 KiB page -> A) and VA 0x7f00_0020_0000 (2 MiB page
  * -> B), copies the boot PML4's entries (identity map: code, stack, RAM),
+ * takes the tables' memslots away (PROTECT none, then read-write: the
+ * pages stay populated but nothing is installed until the next fault),
  * loads it with SET_CR3, accesses memory through the new range and checks
  * it through the identity map (and back), then restores the boot CR3.
  *   tables  T = ram_base + 20 MiB: PML4, PDPT, PD, PT in 4 consecutive pages
@@ -40,6 +42,20 @@ ENTRY
 	mov [r13 + 0x2000 + 8], rax		/* PD[1] -> B, 2 MiB */
 	lea rax, [r14 + PTE]
 	mov [r13 + 0x3000], rax			/* PT[0] -> A */
+
+	/*
+	 * Take the tables' memslots away (their contents stay): after SET_CR3
+	 * the first instruction fetch walks tables KVM cannot see, and the VMM
+	 * must find them by walking in software.
+	 */
+	mov rdi, r13
+	mov esi, 0x4000
+	xor edx, edx
+	out PORT_PROTECT, al
+	mov rdi, r13
+	mov esi, 0x4000
+	mov edx, PERM_READ | PERM_WRITE
+	out PORT_PROTECT, al
 
 	mov rdi, r13
 	out PORT_SET_CR3, al

@@ -1,20 +1,29 @@
 /*
- * simd: SSE and AVX loads and stores whose targets are fresh lazy RAM, each
- * in its own 2 MiB window (so fault-around of one never populates another):
+ * simd: SSE and AVX loads and stores whose targets are fresh lazy RAM. Each
+ * step uses its own 8 MiB slot W(n), so a 2 MiB fault-around window of one
+ * step never populates another and no two faults look sequential (which
+ * would grow the window):
  *   W1 movdqu store (unaligned)      W2 movaps store
  *   W3 movaps load (must read zero)  W4 vmovdqu ymm store
  *   W5 vmovdqu ymm load (zero)
- *   W6|W7 vmovdqu ymm store straddling two never-touched pages/windows
- *   W8|W9 vmovdqu ymm load straddling two never-touched pages/windows (zero)
- * Stored data is verified with scalar loads.
- * Exit codes: 1 RAM < 32 MiB, 2..8 the check of the step above in order,
+ *   W6 vmovdqu ymm store straddling two never-touched pages in two windows
+ *      (at W6 + 2 MiB - 16: the instruction needs both pages at once)
+ *   W7 vmovdqu ymm load straddling the same way (zero)
+ *   W8 movdqu store straddling the same way (SSE)
+ * Stored data is verified with scalar loads. On PVM hosts the SSE steps
+ * reach the VMM as MMIO exits and the AVX steps as emulation failures (one
+ * each: the VMM populates both pages of a straddling access at once).
+ * Exit codes: 1 RAM < 72 MiB, 2..9 the check of the step above in order,
  * 100 AVX unavailable (CPUID.AVX clear, or OSXSAVE set but XCR0 lacks AVX).
  */
 #include "abi.h"
 
-#define W(n) (n * 2 * MiB)
+#define W(n) (n * 8 * MiB)
+/* A 2 MiB window boundary inside slot n, for straddling accesses. */
+#define B(n) (W(n) + 2 * MiB)
 
-/* Compare \nq u64s at [\a] with [\b] by scalar loads; jump to fail\code. */
+/* Compare \nq u64s at [\a] with [\b] by scalar loads (rax, rcx are
+ * scratch: not \a or \b); jump to fail\code. */
 .macro verify a, b, nq, code
 	xor ecx, ecx
 1:	mov rax, [\a + rcx * 8]
@@ -27,7 +36,7 @@
 
 ENTRY
 	mov r12, rdi			/* RAM base */
-	cmp rsi, 32 * MiB
+	cmp rsi, 72 * MiB
 	jb fail1
 	lea rsi, [rip + pattern]
 	lea rbp, [rip + zeros]
@@ -83,17 +92,23 @@ ENTRY
 	verify rsp, rbp, 4, 6
 	add rsp, 32
 
-	lea rdi, [r12 + W(7) - 16]
+	lea rdi, [r12 + B(6) - 16]
 	vmovdqu [rdi], ymm0
 	verify rdi, rsi, 4, 7
 
 	vpcmpeqb ymm2, ymm2, ymm2
-	lea rdi, [r12 + W(9) - 16]
+	lea rdi, [r12 + B(7) - 16]
 	vmovdqu ymm2, [rdi]
 	sub rsp, 32
 	vmovdqu [rsp], ymm2
 	verify rsp, rbp, 4, 8
 	add rsp, 32
+
+	movdqu xmm3, [rsi + 16]
+	lea rdi, [r12 + B(8) - 8]
+	movdqu [rdi], xmm3
+	lea rdx, [rsi + 16]
+	verify rdi, rdx, 2, 9
 
 	vzeroupper
 	EXIT(0)
@@ -106,6 +121,7 @@ FAIL(5)
 FAIL(6)
 FAIL(7)
 FAIL(8)
+FAIL(9)
 FAIL(100)
 
 	.section .rodata

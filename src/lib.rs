@@ -22,7 +22,9 @@
 //!  mm                       vmas + protection ranges, pmas (COW aware), mappables,
 //!        │                  the fault path, host-side I/O, fork; talks to KVM only
 //!        │                  through the AddressSpaceBackend trait
-//!  kvm                      memslots (the backend), exit decoding, vCPU run loop
+//!  kvm                      memslots (the backend), exit decoding, vCPU run loop,
+//!        │                  emulation failures (software page-table walk, iced-x86
+//!        │                  decode, fault in what the instruction needs)
 //!        │
 //!  bin/tinyvmm              a small VMM that runs the guests in guest/
 //! ```
@@ -72,6 +74,9 @@
 //!   not held; that takes only the object's own lock.
 //! - `fork` holds the parent's `mapping` (read) and `active`, then takes the
 //!   child's, which no other thread can see yet.
+//! - `kvm::emulate` holds no lock of its own: it calls `read_with`,
+//!   `handle_fault` and `SlotTable::slot_at` one at a time, each taking and
+//!   releasing its locks in this order.
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 

@@ -12,6 +12,7 @@
 //!   --stats                  print maps() and counters after each guest
 //!   --json                   one JSON object per guest instead of the summary line
 //!   --list                   list the guests
+//!   -v, --verbose            log the library's debug messages to stderr (-vv: trace)
 //! ```
 //!
 //! Prints one summary line per guest and exits non-zero if any failed.
@@ -31,7 +32,7 @@ struct Args {
 
 const USAGE: &str = "usage: tinyvmm [--ram-mib N] [--vcpus N] [--fault-around-kib N] \
 [--fault-around-max-kib N] [--eager] [--max-slots N] [--memfile-max-mib N] [--stats] [--json] \
-[--list] [GUEST|all]...";
+[--list] [-v|-vv] [GUEST|all]...";
 
 fn parse() -> Result<Args, String> {
     let mut a = Args {
@@ -56,6 +57,14 @@ fn parse() -> Result<Args, String> {
             "--memfile-max-mib" => a.opts.memfile_max = Some(num(&mut it, &arg)? << 20),
             "--stats" => a.stats = true,
             "--json" => a.json = true,
+            "-v" | "--verbose" | "-vv" => {
+                log::set_logger(&StderrLogger).map_err(|e| e.to_string())?;
+                log::set_max_level(if arg == "-vv" {
+                    log::LevelFilter::Trace
+                } else {
+                    log::LevelFilter::Debug
+                });
+            }
             "--list" => {
                 for g in GUESTS {
                     println!("{:8} {}", g.name, g.description);
@@ -77,9 +86,29 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
+/// `--verbose`: every log record on stderr.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        eprintln!(
+            "{:5} {}: {}",
+            record.level(),
+            record.target(),
+            record.args()
+        );
+    }
+
+    fn flush(&self) {}
+}
+
 fn json(r: &GuestReport) -> String {
     format!(
-        "{{\"guest\":\"{}\",\"pass\":{},\"exit\":{},\"faults\":{},\"exits\":{},\"memory_exits\":{},\
+        "{{\"guest\":\"{}\",\"pass\":{},\"exit\":{},\"faults\":{},\"exits\":{},\"memory_exits\":{},\"emulation_failures\":{},\
          \"slot_adds\":{},\"slot_deletes\":{},\"max_slots\":{},\"populated_kib\":{},\"violations\":{},\
          \"cow_copies\":{},\"ms\":{},\"failure\":{}}}",
         r.name,
@@ -88,6 +117,7 @@ fn json(r: &GuestReport) -> String {
         r.mm.faults,
         r.vm.exits,
         r.vm.memory_exits,
+        r.vm.emulation_failures,
         r.vm.slots.adds,
         r.vm.slots.deletes,
         r.vm.slots.max_live,

@@ -9,7 +9,9 @@
 //!   instruction emulator cannot handle (VEX/AVX moves), exit as
 //!   `KVM_EXIT_INTERNAL_ERROR` with RIP at the instruction;
 //! - `KVM_EXIT_MEMORY_FAULT` carries a GPA on hosts that report it (never
-//!   required here).
+//!   required here);
+//! - on some hosts an emulation failure at CPL3 in an IDT-less guest comes
+//!   back as `KVM_EXIT_SHUTDOWN` instead (see [`super::emulate`]).
 
 use kvm_ioctls::VcpuExit;
 
@@ -72,6 +74,79 @@ pub enum ViolationKind {
     /// An instruction kept failing at the same address with nothing left to
     /// populate.
     NoProgress,
+    /// The guest's own page tables do not map `gva`: the entry at level
+    /// `level` (5 = PML5 … 1 = PT) is not present. The violation's `gpa` is
+    /// that entry's address.
+    NotInGuestPageTables {
+        /// The guest-virtual (linear) address.
+        gva: u64,
+        /// The level of the not-present entry.
+        level: u8,
+    },
+    /// The guest's page tables map `gva` but forbid the access (the guest
+    /// would take a page fault it has no handler for).
+    GuestPageProtection {
+        /// The guest-virtual (linear) address.
+        gva: u64,
+    },
+    /// `gva` is not canonical (a general-protection fault in the guest). The
+    /// violation's `gpa` is 0.
+    NonCanonical {
+        /// The guest-virtual (linear) address.
+        gva: u64,
+    },
+}
+
+impl std::fmt::Display for ViolationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            ViolationKind::Unmapped => f.write_str("no mapping there"),
+            ViolationKind::Permission { allowed } => write!(f, "protection {allowed}"),
+            ViolationKind::Bus => f.write_str("beyond the mapped object"),
+            ViolationKind::NoProgress => f.write_str("no progress"),
+            ViolationKind::NotInGuestPageTables { gva, level } => write!(
+                f,
+                "gva {gva:#x} not in the guest page tables (level {level} not present)"
+            ),
+            ViolationKind::GuestPageProtection { gva } => {
+                write!(f, "gva {gva:#x} protected by the guest page tables")
+            }
+            ViolationKind::NonCanonical { gva } => write!(f, "gva {gva:#x} not canonical"),
+        }
+    }
+}
+
+/// A memory operand of a decoded instruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemOperand {
+    /// Guest-virtual (linear) address of its first byte.
+    pub gva: u64,
+    /// Bytes it covers.
+    pub size: u32,
+    /// How the instruction uses it (a read-modify-write is a write).
+    pub access: Access,
+}
+
+/// The instruction behind an emulation failure, as far as it was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailedInstruction {
+    /// Instruction bytes; the first `len` are valid.
+    pub bytes: [u8; 15],
+    /// The decoded length, or the bytes that could be fetched when the
+    /// instruction could not be decoded.
+    pub len: u8,
+    /// True if `bytes[..len]` decoded to a valid instruction.
+    pub decoded: bool,
+    /// The memory operand the violation concerns (the first one when the
+    /// violation is about the instruction as a whole).
+    pub operand: Option<MemOperand>,
+}
+
+impl FailedInstruction {
+    /// The valid instruction bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len).min(15)]
+    }
 }
 
 /// A guest access the memory manager refused; the VMM's handler decides
@@ -88,6 +163,8 @@ pub struct MemoryViolation {
     pub kind: ViolationKind,
     /// The guest's instruction pointer, when known.
     pub rip: Option<u64>,
+    /// The instruction, when the violation comes from an emulation failure.
+    pub instruction: Option<FailedInstruction>,
 }
 
 impl MemoryViolation {
@@ -110,6 +187,7 @@ impl MemoryViolation {
             vcpu,
             kind,
             rip: None,
+            instruction: None,
         })
     }
 }
@@ -118,11 +196,28 @@ impl std::fmt::Display for MemoryViolation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "vcpu {}: {} at {:#x} refused: {:?}",
+            "vcpu {}: {} at {:#x} refused: {}",
             self.vcpu, self.access, self.gpa, self.kind
         )?;
         if let Some(rip) = self.rip {
             write!(f, " (rip {rip:#x})")?;
+        }
+        if let Some(insn) = &self.instruction {
+            f.write_str(" insn [")?;
+            for (i, b) in insn.bytes().iter().enumerate() {
+                write!(f, "{}{b:02x}", if i == 0 { "" } else { " " })?;
+            }
+            f.write_str("]")?;
+            if !insn.decoded {
+                f.write_str(" undecodable")?;
+            }
+            if let Some(op) = insn.operand {
+                write!(
+                    f,
+                    " operand {} {} bytes at gva {:#x}",
+                    op.access, op.size, op.gva
+                )?;
+            }
         }
         Ok(())
     }

@@ -143,6 +143,11 @@ impl SlotTable {
             .collect()
     }
 
+    /// Whether a live slot covers `gpa`: `Some(writable)`, or `None`.
+    pub fn slot_at(&self, gpa: u64) -> Option<bool> {
+        self.lock().slots.find_segment(gpa).map(|(_, s)| s.writable)
+    }
+
     /// Host virtual address of `gpa` inside the reservation.
     pub fn host_addr(&self, gpa: u64) -> u64 {
         self.reservation.host_addr(gpa)

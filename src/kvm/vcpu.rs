@@ -8,8 +8,11 @@
 //!                                            ├─ unmapped + device range ─► handler MMIO
 //!                                            ├─ violation ─► handler: Stop | Continue
 //!                                            └─ out of memory / slots ─► VmError
-//!         ─► internal error (emulation failure) ─► fault the instruction's page, re-run
-//!         ─► port I/O, HLT, shutdown, other ─► handler
+//!         ─► internal error or shutdown ─► kvm::emulate: walk the guest page tables,
+//!                                              decode, fault in the instruction's and its
+//!                                              operands' pages, re-run (bounded); a shutdown
+//!                                              with nothing to populate ─► handler
+//!         ─► port I/O, HLT, other ─► handler
 //! ```
 //!
 //! A memory exit at an address whose pma already exists (another vCPU
@@ -18,11 +21,11 @@
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use super::emulate::{ExitForm, RetryState, Verdict};
 use super::exits::{MemoryViolation, ViolationKind};
 use super::vm::{Vm, VmError};
 use crate::mm::{FaultError, IoOpts, MmError};
 use crate::perms::Access;
-use crate::range::page_round_down;
 
 use std::sync::atomic::Ordering;
 
@@ -67,7 +70,9 @@ pub trait ExitHandler {
     }
 
     /// A refused guest access. `Continue` drops a write and makes a read
-    /// return zeros; an instruction fetch cannot continue and stops.
+    /// return zeros; a violation found resolving an emulation failure (an
+    /// instruction fetch, an operand of an instruction KVM cannot emulate)
+    /// cannot be skipped and stops the vCPU whatever this returns.
     fn violation(&mut self, _violation: &MemoryViolation) -> Action {
         Action::Stop
     }
@@ -77,7 +82,8 @@ pub trait ExitHandler {
         Action::Stop
     }
 
-    /// A triple fault (or an emulation failure the host turned into one).
+    /// A triple fault: a `KVM_EXIT_SHUTDOWN` for which the emulation path
+    /// found nothing to populate.
     fn shutdown(&mut self, _vcpu: &mut VcpuFd, _index: u32) -> Action {
         Action::Stop
     }
@@ -98,10 +104,6 @@ enum Pending {
     Stop(VcpuStop),
 }
 
-/// How often the same instruction may fail emulation with nothing newly
-/// populated before it is reported.
-const MAX_FRUITLESS_RETRIES: u32 = 2;
-
 impl Vm {
     /// Runs vCPU `index` until the handler stops it or a host error occurs.
     pub fn run_vcpu(
@@ -110,7 +112,7 @@ impl Vm {
         index: u32,
         handler: &mut dyn ExitHandler,
     ) -> Result<VcpuStop, VmError> {
-        let mut last_failure: Option<(u64, u32)> = None;
+        let mut retry = RetryState::default();
         loop {
             let pending = match vcpu.run() {
                 Ok(exit) => {
@@ -165,13 +167,26 @@ impl Vm {
                 Pending::Stop(stop) => return Ok(stop),
                 Pending::IoOut(port, buf, n) => handler.io_out(vcpu, index, port, &buf[..n]),
                 Pending::Hlt => handler.hlt(index),
-                Pending::Shutdown => handler.shutdown(vcpu, index),
                 Pending::Other(what) => handler.unhandled(index, &what),
-                Pending::EmulationFailure => {
-                    match self.emulation_failure(vcpu, index, &mut last_failure)? {
-                        None => continue,
-                        Some(v) => {
-                            handler.violation(&v);
+                Pending::Shutdown | Pending::EmulationFailure => {
+                    let form = match pending {
+                        Pending::Shutdown => ExitForm::Shutdown,
+                        _ => ExitForm::InternalError,
+                    };
+                    match self.resolve_emulation_failure(vcpu, index, form, &mut retry)? {
+                        Verdict::Rerun => {
+                            let c = &self.counters;
+                            c.emulation_failures.fetch_add(1, Ordering::Relaxed);
+                            if form == ExitForm::Shutdown {
+                                c.emulation_shutdowns.fetch_add(1, Ordering::Relaxed);
+                            }
+                            continue;
+                        }
+                        Verdict::TripleFault => handler.shutdown(vcpu, index),
+                        // The instruction cannot be skipped: stop whatever
+                        // the handler says.
+                        Verdict::Violation(v) => {
+                            self.report(v.clone(), handler);
                             return Ok(VcpuStop::Violation(v));
                         }
                     }
@@ -303,6 +318,7 @@ impl Vm {
                 vcpu: index,
                 kind,
                 rip: None,
+                instruction: None,
             },
             handler,
         ))
@@ -315,88 +331,6 @@ impl Vm {
             Action::Continue => None,
             Action::Stop => Some(VcpuStop::Violation(v)),
         }
-    }
-
-    /// An instruction the emulator could not complete (a fetch from a page
-    /// without a memslot): populate the instruction's pages and re-run.
-    /// Returns a violation when the same instruction fails again with
-    /// nothing newly populated.
-    fn emulation_failure(
-        &self,
-        vcpu: &mut VcpuFd,
-        index: u32,
-        last: &mut Option<(u64, u32)>,
-    ) -> Result<Option<MemoryViolation>, VmError> {
-        let rip = vcpu
-            .get_regs()
-            .map_err(|source| VmError::Kvm {
-                op: "KVM_GET_REGS",
-                source,
-            })?
-            .rip;
-        let before = self.progress_marker();
-        // The instruction may straddle a page boundary: fault both pages.
-        for gva in [rip, page_round_down(rip.saturating_add(15))] {
-            let t = vcpu.translate_gva(gva).map_err(|source| VmError::Kvm {
-                op: "KVM_TRANSLATE",
-                source,
-            })?;
-            if t.valid == 0 {
-                return Ok(Some(MemoryViolation {
-                    gpa: gva,
-                    access: Access::Execute,
-                    vcpu: index,
-                    kind: ViolationKind::Unmapped,
-                    rip: Some(rip),
-                }));
-            }
-            if let Err(e) = self
-                .space()
-                .handle_fault(t.physical_address, Access::Execute)
-            {
-                return match MemoryViolation::from_fault(&e, index) {
-                    Some(mut v) => {
-                        v.rip = Some(rip);
-                        Ok(Some(v))
-                    }
-                    None => Err(VmError::Fault {
-                        vcpu: index,
-                        source: e,
-                    }),
-                };
-            }
-        }
-        let progressed = self.progress_marker() != before;
-        let attempts = match *last {
-            Some((r, n)) if r == rip && !progressed => n + 1,
-            _ => 0,
-        };
-        *last = Some((rip, attempts));
-        if attempts >= MAX_FRUITLESS_RETRIES {
-            let gpa = vcpu
-                .translate_gva(rip)
-                .map(|t| t.physical_address)
-                .unwrap_or(rip);
-            return Ok(Some(MemoryViolation {
-                gpa,
-                access: Access::Execute,
-                vcpu: index,
-                kind: ViolationKind::NoProgress,
-                rip: Some(rip),
-            }));
-        }
-        self.counters
-            .emulation_failures
-            .fetch_add(1, Ordering::Relaxed);
-        Ok(None)
-    }
-
-    /// Changes whenever something new is populated or mapped.
-    fn progress_marker(&self) -> (u64, u64) {
-        (
-            self.space().stats().populated_total,
-            self.slots().stats().maps,
-        )
     }
 }
 

@@ -80,6 +80,7 @@ pub(crate) struct ExitCounters {
     pub exits: AtomicU64,
     pub memory_exits: AtomicU64,
     pub emulation_failures: AtomicU64,
+    pub emulation_shutdowns: AtomicU64,
     pub violations: AtomicU64,
     pub device_exits: AtomicU64,
 }
@@ -91,8 +92,11 @@ pub struct VmStats {
     pub exits: u64,
     /// Exits resolved as memory faults (MMIO on guest RAM, memory faults).
     pub memory_exits: u64,
-    /// Emulation failures resolved by populating the instruction's pages.
+    /// Emulation failures (internal errors and shutdowns) resolved by
+    /// populating the pages the instruction needs.
     pub emulation_failures: u64,
+    /// Of those, the ones that came back as `KVM_EXIT_SHUTDOWN`.
+    pub emulation_shutdowns: u64,
     /// Violations reported to the handler.
     pub violations: u64,
     /// Exits forwarded to device handlers.
@@ -209,6 +213,7 @@ impl Vm {
             exits: load(&c.exits),
             memory_exits: load(&c.memory_exits),
             emulation_failures: load(&c.emulation_failures),
+            emulation_shutdowns: load(&c.emulation_shutdowns),
             violations: load(&c.violations),
             device_exits: load(&c.device_exits),
             slots: self.slots.stats(),

@@ -19,8 +19,11 @@ pub struct Guest {
     /// Bytes of template file the VMM maps privately before start and passes
     /// in `r8`/`r9` (filled with [`cow_pattern`]), 0 for none.
     pub template_size: u64,
-    /// Memory violations the VMM must report (and survive) for a pass.
+    /// Memory violations the VMM must report for a pass.
     pub expected_violations: u32,
+    /// Every vCPU must end stopped by a violation (an instruction that can
+    /// never complete) instead of the EXIT hypercall.
+    pub ends_in_violation: bool,
     /// Console output of a passing run.
     pub expected_console: &'static str,
     /// Exit code meaning "this host cannot run the test" (e.g. no AVX), if any.
@@ -45,6 +48,7 @@ const fn guest(name: &'static str, image: &'static [u8], description: &'static s
         min_ram: 2 * MIB,
         template_size: 0,
         expected_violations: 0,
+        ends_in_violation: false,
         expected_console: "",
         unsupported_exit: None,
         description,
@@ -101,7 +105,7 @@ pub const GUESTS: &[Guest] = &[
         )
     },
     Guest {
-        min_ram: 32 * MIB,
+        min_ram: 72 * MIB,
         unsupported_exit: Some(100),
         ..guest(
             "simd",
@@ -115,6 +119,18 @@ pub const GUESTS: &[Guest] = &[
             "lazypt",
             image!("lazypt"),
             "builds page tables in fresh RAM, SET_CR3, accesses through the new mapping",
+        )
+    },
+    Guest {
+        vcpus: 2,
+        min_ram: 16 * MIB,
+        expected_violations: 2,
+        ends_in_violation: true,
+        unsupported_exit: Some(100),
+        ..guest(
+            "badstore",
+            image!("badstore"),
+            "AVX stores to a VA its page tables lack and to the hole: violations, not hangs",
         )
     },
 ];
@@ -148,7 +164,7 @@ mod tests {
     fn every_guest_is_built_and_fits() {
         let names: Vec<_> = GUESTS.iter().map(|g| g.name).collect();
         for want in [
-            "hello", "touch", "cow", "protect", "exec", "smp", "simd", "lazypt",
+            "hello", "touch", "cow", "protect", "exec", "smp", "simd", "lazypt", "badstore",
         ] {
             assert!(names.contains(&want), "guest {want} missing from {names:?}");
         }

@@ -93,7 +93,8 @@ pub struct GuestReport {
     pub console: String,
     /// MARK hypercalls: (vCPU, phase, time since start).
     pub marks: Vec<(u32, u32, Duration)>,
-    /// Violations reported (all continued).
+    /// Violations reported (the handler continues; one that cannot be
+    /// skipped, from an emulation failure, stops its vCPU).
     pub violations: Vec<MemoryViolation>,
     /// VM counters.
     pub vm: VmStats,
@@ -360,8 +361,16 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         }
     }
     let exit_codes: Vec<Option<u32>> = results.iter().map(|(c, _)| *c).collect();
-    for (i, c) in exit_codes.iter().enumerate() {
+    for (i, (c, r)) in results.iter().enumerate() {
+        let violation_stop = matches!(r, Ok(VcpuStop::Violation(_)));
         match c {
+            None if guest.ends_in_violation && violation_stop => {}
+            None if guest.ends_in_violation && failures.is_empty() => {
+                failures.push(format!("vcpu {i} did not stop on a violation"))
+            }
+            Some(code) if guest.ends_in_violation && Some(*code) != guest.unsupported_exit => {
+                failures.push(format!("vcpu {i} exit code {code}, want a violation stop"))
+            }
             Some(0) => {}
             Some(code) if Some(*code) == guest.unsupported_exit => {
                 failures.push(format!("unsupported on this host (exit {code})"))
