@@ -46,3 +46,31 @@
 
 /* Guest entry point: first byte of the image (guest.ld puts .text.start first). */
 #define ENTRY .section .text.start, "ax"; .globl _start; _start:
+
+/*
+ * A pseudo-random visiting order over rbx items (touch, scatter): a
+ * full-period LCG over m = the next power of two >= rbx, values >= rbx
+ * skipped. LCG_INIT sets r14 = m, r15 = m - 1, r9/r10 = multiplier and
+ * increment, r11 = 0; LCG_NEXT advances r11 and jumps to `skip` when it is
+ * not a valid index. Run LCG_NEXT m times to visit every index exactly once.
+ */
+#define LCG_A 0x5851f42d4c957f2d
+#define LCG_C 0x14057b7ef767814f
+.macro LCG_INIT
+	mov r14, 1
+1001:	cmp r14, rbx
+	jae 1002f
+	shl r14, 1
+	jmp 1001b
+1002:	lea r15, [r14 - 1]
+	movabs r9, LCG_A
+	movabs r10, LCG_C
+	xor r11d, r11d
+.endm
+.macro LCG_NEXT skip
+	imul r11, r9
+	add r11, r10
+	and r11, r15
+	cmp r11, rbx
+	jae \skip
+.endm

@@ -13,8 +13,6 @@
 #include "abi.h"
 
 #define K1 0x3c3c0000c3c3ffff
-#define LCG_A 0x5851f42d4c957f2d
-#define LCG_C 0x14057b7ef767814f
 
 ENTRY
 	mov r12, rdi			/* RAM base */
@@ -24,22 +22,10 @@ ENTRY
 	movabs r8, K1
 	MARK(1)
 
-	mov r14, 1			/* m = next power of two >= count */
-2:	cmp r14, rbx
-	jae 3f
-	shl r14, 1
-	jmp 2b
-3:	lea r15, [r14 - 1]		/* mask */
-	movabs r9, LCG_A
-	movabs r10, LCG_C
-	xor r11d, r11d			/* x */
+	LCG_INIT
 	xor esi, esi			/* pages visited */
 	mov rcx, r14
-4:	imul r11, r9
-	add r11, r10
-	and r11, r15
-	cmp r11, rbx
-	jae 5f
+4:	LCG_NEXT 5f
 	mov rdx, r11
 	shl rdx, 12
 	mov rax, r11
