@@ -17,15 +17,16 @@
 
 mod common;
 use common::rng::Rng;
+use common::setup;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use guestmm::memfile::{MemoryFile, MemoryFileOptions};
+use guestmm::memfile::MemoryFile;
 use guestmm::mm::{
-    check_file_refs, AddressSpace, AddressSpaceOptions, FaultError, IoOpts, MapOpts, MmError,
-    NoopBackend, RecordingBackend,
+    check_file_refs, AddressSpace, FaultError, IoOpts, MapOpts, MmError, NoopBackend,
+    RecordingBackend,
 };
 use guestmm::{Access, Perms};
 
@@ -210,13 +211,6 @@ impl Shared {
     fn tick(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::SeqCst)
     }
-}
-
-fn setup() -> (Arc<MemoryFile>, Arc<RecordingBackend>, Arc<AddressSpace>) {
-    let mf = Arc::new(MemoryFile::new("conc", MemoryFileOptions::default()).unwrap());
-    let be = Arc::new(RecordingBackend::new());
-    let space = AddressSpace::new(mf.clone(), be.clone(), AddressSpaceOptions::default()).unwrap();
-    (mf, be, space)
 }
 
 /// One worker: faults, host writes of its own pages, host reads, with the
@@ -593,7 +587,7 @@ fn check_backend(space: &AddressSpace, mf: &MemoryFile, be: &RecordingBackend) {
 
 /// One run of the racing workload; returns (worker ops, mutator ops).
 fn run_racing_workload(seed: u64, ops: u64, mutator_ops: u64, limit: Duration) -> (u64, u64) {
-    let (mf, be, space) = setup();
+    let (mf, be, space) = setup("conc");
     assert_eq!(
         space
             .map(MapOpts::anonymous(A_LEN).fixed(A_BASE).name("a"))
@@ -675,7 +669,7 @@ fn faults_and_host_io_race_protect_unmap_remap_decommit_and_fork() {
 fn simultaneous_faults_on_the_same_address_all_succeed_with_one_pma() {
     with_watchdog("same-address faults", WATCHDOG, None, || {
         for round in 0..40u64 {
-            let (mf, be, space) = setup();
+            let (mf, be, space) = setup("conc");
             let gpa = space
                 .map(MapOpts::anonymous(2 * MIB).fixed(A_BASE).align(2 * MIB))
                 .unwrap();
@@ -721,7 +715,7 @@ fn simultaneous_faults_on_the_same_address_all_succeed_with_one_pma() {
 fn simultaneous_write_faults_on_a_cow_page_copy_once() {
     with_watchdog("same-address COW faults", WATCHDOG, None, || {
         for round in 0..20u64 {
-            let (mf, be, parent) = setup();
+            let (mf, be, parent) = setup("conc");
             let gpa = parent
                 .map(MapOpts::anonymous(2 * MIB).fixed(A_BASE).align(2 * MIB))
                 .unwrap();
@@ -774,7 +768,7 @@ fn simultaneous_write_faults_on_a_cow_page_copy_once() {
 fn truncate_racing_faults_leaves_nothing_past_the_new_end() {
     use guestmm::mm::{Mappable, SharedMemory};
     with_watchdog("truncate vs faults", WATCHDOG, None, || {
-        let (mf, _be, space) = setup();
+        let (mf, _be, space) = setup("conc");
         let obj = SharedMemory::new(mf.clone(), 4 * MIB).unwrap();
         let gpa = space
             .map(

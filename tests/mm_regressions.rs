@@ -1,23 +1,18 @@
 //! Regression tests, one per bug found, named after the scenario.
 
+mod common;
+use common::{setup, space_over};
+
 use std::sync::Arc;
 
-use guestmm::memfile::{MemoryFile, MemoryFileOptions};
-use guestmm::mm::{AddressSpace, AddressSpaceOptions, IoOpts, MapOpts, MmError, RecordingBackend};
+use guestmm::mm::{IoOpts, MapOpts, MmError, RecordingBackend};
 use guestmm::{Access, RangeError};
 
 const MIB: u64 = 1 << 20;
 
-fn setup() -> (Arc<MemoryFile>, Arc<RecordingBackend>, Arc<AddressSpace>) {
-    let mf = Arc::new(MemoryFile::new("regressions", MemoryFileOptions::default()).unwrap());
-    let be = Arc::new(RecordingBackend::new());
-    let space = AddressSpace::new(mf.clone(), be.clone(), AddressSpaceOptions::default()).unwrap();
-    (mf, be, space)
-}
-
 #[test]
 fn zero_over_a_partly_unmapped_range_writes_nothing() {
-    let (mf, be, space) = setup();
+    let (mf, be, space) = setup("regressions");
     let gpa = space
         .map(MapOpts::anonymous(2 * MIB).fixed(1 << 30))
         .unwrap();
@@ -41,7 +36,7 @@ fn zero_over_a_partly_unmapped_range_writes_nothing() {
 
 #[test]
 fn zero_length_pin_at_an_unaligned_address_is_refused() {
-    let (mf, _be, space) = setup();
+    let (mf, _be, space) = setup("regressions");
     let gpa = space
         .map(MapOpts::anonymous(2 * MIB).fixed(1 << 30))
         .unwrap();
@@ -58,7 +53,7 @@ fn zero_length_pin_at_an_unaligned_address_is_refused() {
 
 #[test]
 fn pin_whose_end_overflows_reports_overflow() {
-    let (_mf, _be, space) = setup();
+    let (_mf, _be, space) = setup("regressions");
     // Used to saturate the end and report an unaligned range.
     let got = space.pin(u64::MAX - 10, 100, Access::Read, IoOpts::default());
     assert!(
@@ -74,13 +69,8 @@ fn pin_whose_end_overflows_reports_overflow() {
 
 #[test]
 fn unpin_of_another_spaces_pin_releases_nothing() {
-    let (mf, _be, a) = setup();
-    let b = AddressSpace::new(
-        mf.clone(),
-        Arc::new(RecordingBackend::new()),
-        AddressSpaceOptions::default(),
-    )
-    .unwrap();
+    let (mf, _be, a) = setup("regressions");
+    let b = space_over(&mf).1;
     let ga = a.map(MapOpts::anonymous(2 * MIB).fixed(1 << 30)).unwrap();
     let gb = b.map(MapOpts::anonymous(2 * MIB).fixed(1 << 30)).unwrap();
     // Both pins get id 1 in their own space.
@@ -122,7 +112,7 @@ fn guest_view(be: &RecordingBackend, gpa: u64, len: usize) -> Option<Vec<u8>> {
 
 #[test]
 fn failed_install_after_cow_break_leaves_no_stale_page_in_the_guest() {
-    let (_mf, be, parent) = setup();
+    let (_mf, be, parent) = setup("regressions");
     let gpa = parent
         .map(MapOpts::anonymous(2 * MIB).fixed(1 << 30))
         .unwrap();

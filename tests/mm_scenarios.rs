@@ -2,26 +2,19 @@
 
 mod common;
 use common::tempfile;
+use common::{setup, space_over};
 
 use std::io::Write;
 use std::sync::Arc;
 
-use guestmm::memfile::{MemoryFile, MemoryFileOptions};
 use guestmm::mm::backend::BackendCall;
 use guestmm::mm::{
-    check_file_refs, AddressSpace, AddressSpaceOptions, FaultError, HostFile, MapOpts, Mappable,
-    MmError, RecordingBackend, SharedMemory,
+    check_file_refs, FaultError, HostFile, MapOpts, Mappable, MmError, RecordingBackend,
+    SharedMemory,
 };
 use guestmm::{Access, Perms, Range};
 
 const MIB: u64 = 1 << 20;
-
-fn setup() -> (Arc<MemoryFile>, Arc<RecordingBackend>, Arc<AddressSpace>) {
-    let mf = Arc::new(MemoryFile::new("test", MemoryFileOptions::default()).unwrap());
-    let be = Arc::new(RecordingBackend::new());
-    let space = AddressSpace::new(mf.clone(), be.clone(), AddressSpaceOptions::default()).unwrap();
-    (mf, be, space)
-}
 
 fn r(s: u64, e: u64) -> Range {
     Range::new(s, e).unwrap()
@@ -29,7 +22,7 @@ fn r(s: u64, e: u64) -> Range {
 
 #[test]
 fn anonymous_fault_populates_an_aligned_window_writable() {
-    let (mf, be, space) = setup();
+    let (mf, be, space) = setup("test");
     let gpa = space
         .map(MapOpts::anonymous(64 * MIB).fixed(1 << 30))
         .unwrap();
@@ -48,7 +41,7 @@ fn anonymous_fault_populates_an_aligned_window_writable() {
 
 #[test]
 fn faults_outside_vmas_and_against_protection_are_refused() {
-    let (_mf, _be, space) = setup();
+    let (_mf, _be, space) = setup("test");
     let gpa = space
         .map(
             MapOpts::anonymous(4 * MIB)
@@ -70,7 +63,7 @@ fn faults_outside_vmas_and_against_protection_are_refused() {
 
 #[test]
 fn protect_downgrades_installed_memory() {
-    let (_mf, be, space) = setup();
+    let (_mf, be, space) = setup("test");
     let gpa = space
         .map(MapOpts::anonymous(4 * MIB).fixed(1 << 30))
         .unwrap();
@@ -105,7 +98,7 @@ fn protect_downgrades_installed_memory() {
 
 #[test]
 fn unmap_middle_splits_vma_and_keeps_protections() {
-    let (mf, _be, space) = setup();
+    let (mf, _be, space) = setup("test");
     let gpa = space
         .map(MapOpts::anonymous(8 * MIB).fixed(1 << 30))
         .unwrap();
@@ -130,7 +123,7 @@ fn unmap_middle_splits_vma_and_keeps_protections() {
 
 #[test]
 fn fork_is_copy_on_write_and_survivor_takes_over() {
-    let (mf, be, parent) = setup();
+    let (mf, be, parent) = setup("test");
     let gpa = parent
         .map(MapOpts::anonymous(4 * MIB).fixed(1 << 30))
         .unwrap();
@@ -166,7 +159,7 @@ fn fork_is_copy_on_write_and_survivor_takes_over() {
 
 #[test]
 fn private_host_file_mapping_copies_on_write_and_leaves_the_file() {
-    let (mf, be, space) = setup();
+    let (mf, be, space) = setup("test");
     let mut f = tempfile("scenario");
     f.write_all(&vec![0xAB; 2 * MIB as usize]).unwrap();
     let hf = HostFile::new(f.try_clone().unwrap(), false).unwrap();
@@ -195,13 +188,8 @@ fn private_host_file_mapping_copies_on_write_and_leaves_the_file() {
 
 #[test]
 fn shared_memory_is_coherent_across_spaces_and_decommit_invalidates() {
-    let (mf, _be, a) = setup();
-    let b = AddressSpace::new(
-        mf.clone(),
-        Arc::new(RecordingBackend::new()),
-        AddressSpaceOptions::default(),
-    )
-    .unwrap();
+    let (mf, _be, a) = setup("test");
+    let b = space_over(&mf).1;
     let obj = SharedMemory::new(mf.clone(), 4 * MIB).unwrap();
     let ga = a
         .map(MapOpts::object(obj.clone() as Arc<dyn Mappable>, 0, 4 * MIB).shared())
@@ -235,7 +223,7 @@ fn shared_memory_is_coherent_across_spaces_and_decommit_invalidates() {
 
 #[test]
 fn precommit_installs_everything_at_map_time() {
-    let (_mf, be, space) = setup();
+    let (_mf, be, space) = setup("test");
     let gpa = space
         .map(
             MapOpts::anonymous(4 * MIB)
@@ -253,7 +241,7 @@ fn precommit_installs_everything_at_map_time() {
 
 #[test]
 fn decommit_drops_private_pages_and_they_read_zero() {
-    let (mf, be, space) = setup();
+    let (mf, be, space) = setup("test");
     let gpa = space
         .map(MapOpts::anonymous(4 * MIB).fixed(1 << 30))
         .unwrap();
@@ -276,7 +264,7 @@ fn decommit_drops_private_pages_and_they_read_zero() {
 
 #[test]
 fn stats_count_populated_and_committed_bytes() {
-    let (_mf, _be, space) = setup();
+    let (_mf, _be, space) = setup("test");
     let gpa = space
         .map(MapOpts::anonymous(4 * MIB).fixed(1 << 30))
         .unwrap();

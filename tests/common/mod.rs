@@ -5,6 +5,29 @@
 pub mod rng;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use guestmm::memfile::{MemoryFile, MemoryFileOptions};
+use guestmm::mm::{AddressSpace, AddressSpaceOptions, RecordingBackend};
+
+/// A memory file with default options.
+pub fn memfile(name: &str) -> Arc<MemoryFile> {
+    Arc::new(MemoryFile::new(name, MemoryFileOptions::default()).unwrap())
+}
+
+/// A default address space over `mf`, with its recording backend.
+pub fn space_over(mf: &Arc<MemoryFile>) -> (Arc<RecordingBackend>, Arc<AddressSpace>) {
+    let be = Arc::new(RecordingBackend::new());
+    let space = AddressSpace::new(mf.clone(), be.clone(), AddressSpaceOptions::default()).unwrap();
+    (be, space)
+}
+
+/// A fresh memory file and a default address space over it.
+pub fn setup(name: &str) -> (Arc<MemoryFile>, Arc<RecordingBackend>, Arc<AddressSpace>) {
+    let mf = memfile(name);
+    let (be, space) = space_over(&mf);
+    (mf, be, space)
+}
 
 /// A fresh, empty, already-unlinked read-write file (for `HostFile`s).
 pub fn tempfile(tag: &str) -> std::fs::File {
