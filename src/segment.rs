@@ -244,6 +244,14 @@ impl<V: SegmentValue> SegmentSet<V> {
         self.iter_range(r).next().is_none()
     }
 
+    /// An estimate of the heap bytes the set holds: one map entry (start,
+    /// end, value) per segment plus the gap index's node arena. B-tree node
+    /// overhead (about a third on top) is not counted.
+    pub fn heap_bytes(&self) -> usize {
+        self.map.len() * (std::mem::size_of::<u64>() + std::mem::size_of::<Entry<V>>())
+            + self.gaps.heap_bytes()
+    }
+
     /// Total length covered by segments.
     pub fn span(&self) -> u64 {
         self.iter().map(|(r, _)| r.len()).sum()

@@ -42,6 +42,12 @@ impl Default for GapIndex {
 }
 
 impl GapIndex {
+    /// Heap bytes of the node arena (live and free nodes).
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.nodes.capacity() * std::mem::size_of::<Node>()
+            + self.free.capacity() * std::mem::size_of::<u32>()
+    }
+
     /// Adds the gap `[start, start + len)`.
     ///
     /// Preconditions: `len > 0`; no gap starts at `start`.
