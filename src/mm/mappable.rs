@@ -392,11 +392,22 @@ impl SharedMemory {
                 size: new_size,
             });
         }
-        let old = self.lock().size;
-        if new_size < old {
-            self.decommit(Range::new_unchecked(new_size, old))?;
+        // Shrink and drop the pages in one critical section, so a racing
+        // translate cannot allocate past the new end in between.
+        let (dropped, affected) = {
+            let mut s = self.lock();
+            let old = std::mem::replace(&mut s.size, new_size);
+            if new_size >= old {
+                return Ok(());
+            }
+            let gone = Range::new_unchecked(new_size, old);
+            (s.pages.remove_range(gone), s.mappers.affected(gone))
+        };
+        invalidate_all(&affected);
+        for (r, b) in dropped {
+            self.memfile
+                .dec_ref(Range::new_unchecked(b.file_offset, b.file_offset + r.len()))?;
         }
-        self.lock().size = new_size;
         Ok(())
     }
 
