@@ -13,6 +13,6 @@ pub mod vcpu;
 pub mod vm;
 
 pub use exits::{MemoryExit, MemoryViolation, ViolationKind};
-pub use slots::{SlotStats, SlotTable};
+pub use slots::{MergePolicy, SlotStats, SlotTable};
 pub use vcpu::{Action, ExitHandler, VcpuStop};
 pub use vm::{Vm, VmError, VmOptions, VmStats};
