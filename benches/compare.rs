@@ -15,6 +15,9 @@
 //! configurations are medians of per-round ratios (each round runs every
 //! configuration once). Nothing here asserts performance.
 //!
+//! `GUESTMM_BENCH_TOUCH=lazy-2m,lazy-4k` limits the touch section to those
+//! lazy configurations (plus the two eager baselines).
+//!
 //! `GUESTMM_BENCH_REPS=N` changes the repetition count (default 5, minimum 5
 //! for reported runs; lower values are for trying the runner out).
 

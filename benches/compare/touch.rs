@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use guestmm::kvm::MergePolicy;
 use guestmm::vmm::guests;
 use guestmm::vmm::runner::{run_guest, RunOptions};
 use kvm_ioctls::Kvm;
@@ -13,6 +14,8 @@ use crate::common::{median, median_ms, RssProbe, Table, Target};
 
 const MIB: u64 = 1 << 20;
 const RAM: u64 = 256 * MIB;
+/// `max_slots` of the `+lazymerge` configurations (`MergePolicy::Lazy`).
+const LAZY_MERGE_SLOTS: usize = 64;
 
 /// One configuration under test.
 struct Config {
@@ -28,6 +31,14 @@ fn configs() -> Vec<Config> {
             fault_around: initial,
             fault_around_max: max,
             ..RunOptions::default()
+        })
+    };
+    let lazy_merge = |initial: u64, max: u64| {
+        Some(RunOptions {
+            slot_merge: MergePolicy::Lazy {
+                max_slots: LAZY_MERGE_SLOTS,
+            },
+            ..lazy(initial, max).expect("lazy")
         })
     };
     vec![
@@ -62,6 +73,18 @@ fn configs() -> Vec<Config> {
         Config {
             name: "lazy-4k",
             opts: lazy(4096, 4096),
+        },
+        Config {
+            name: "lazy-2m+lazymerge",
+            opts: lazy_merge(2 * MIB, 2 * MIB),
+        },
+        Config {
+            name: "lazy-adaptive+lazymerge",
+            opts: lazy_merge(2 * MIB, RunOptions::default().fault_around_max),
+        },
+        Config {
+            name: "lazy-4k+lazymerge",
+            opts: lazy_merge(4096, 4096),
         },
     ]
 }
@@ -124,7 +147,18 @@ fn run_one(kvm: &Kvm, cfg: &Config) -> Sample {
 }
 
 pub fn run(kvm: &Kvm, table: &mut Table) {
-    let configs = configs();
+    // GUESTMM_BENCH_TOUCH=a,b keeps only those configurations (the two
+    // eager baselines always run: every ratio needs them).
+    let only = std::env::var("GUESTMM_BENCH_TOUCH").ok();
+    let configs: Vec<Config> = configs()
+        .into_iter()
+        .filter(|c| {
+            c.opts.as_ref().is_none_or(|o| o.eager)
+                || only
+                    .as_deref()
+                    .is_none_or(|o| o.split(',').any(|n| n == c.name))
+        })
+        .collect();
     let reps = crate::reps();
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
     for round in 0..reps {
