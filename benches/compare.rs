@@ -48,6 +48,18 @@ pub fn reps() -> usize {
 }
 
 fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this
+    // binary without it: then only a quick smoke run of the sections that
+    // need no KVM, one repetition, and no report file.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("note: smoke run (no --bench): clone, alloc, mmops once; no report written");
+        std::env::set_var("GUESTMM_BENCH_REPS", "1");
+        let mut table = Table::default();
+        clone::run(&mut table);
+        alloc::run(&mut table);
+        mmops::run(&mut table);
+        return;
+    }
     let wanted: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))

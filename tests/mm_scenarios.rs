@@ -287,3 +287,31 @@ fn decommit_drops_private_pages_and_they_read_zero() {
         Err(MmError::NotMapped { .. })
     ));
 }
+
+#[test]
+fn metadata_bytes_grows_with_bookkeeping_not_with_memory() {
+    let (_mf, _be, space) = setup();
+    let empty = space.metadata_bytes();
+    let gpa = space
+        .map(MapOpts::anonymous(256 * MIB).fixed(1 << 30))
+        .unwrap();
+    let one_vma = space.metadata_bytes();
+    assert!(one_vma > empty, "got {one_vma}, want > {empty} after a map");
+    space.handle_fault(gpa, Access::Write).unwrap();
+    space.handle_fault(gpa + 128 * MIB, Access::Write).unwrap();
+    let populated = space.metadata_bytes();
+    assert!(
+        populated > one_vma,
+        "got {populated}, want > {one_vma} with pmas"
+    );
+    space.protect(gpa + 64 * MIB, MIB, Perms::READ).unwrap();
+    let protected = space.metadata_bytes();
+    assert!(
+        protected > populated,
+        "got {protected}, want > {populated} with protection nodes"
+    );
+    assert!(
+        protected < 16 << 10,
+        "got {protected} bytes for a handful of entries"
+    );
+}
