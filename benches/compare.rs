@@ -21,6 +21,8 @@
 //! `GUESTMM_BENCH_REPS=N` changes the repetition count (default 5, minimum 5
 //! for reported runs; lower values are for trying the runner out).
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 
 #[path = "compare/alloc.rs"]
