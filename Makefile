@@ -15,7 +15,9 @@ test:
 	$(CARGO) test --all-targets --no-fail-fast
 	$(CARGO) test --doc
 
-## Criterion benches and the side-by-side comparison runner.
+## Criterion benches and the side-by-side comparison runner (figures on
+## stdout as `bench NAME: VALUE UNIT` / `ratio NAME: VALUE`, table in
+## target/bench-report.md; about 3 minutes).
 bench:
 	$(CARGO) bench
 

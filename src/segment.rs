@@ -244,6 +244,14 @@ impl<V: SegmentValue> SegmentSet<V> {
         self.iter_range(r).next().is_none()
     }
 
+    /// An estimate of the heap bytes the set holds: one map entry (start,
+    /// end, value) per segment plus the gap index's node arena. B-tree node
+    /// overhead (about a third on top) is not counted.
+    pub fn heap_bytes(&self) -> usize {
+        self.map.len() * (std::mem::size_of::<u64>() + std::mem::size_of::<Entry<V>>())
+            + self.gaps.heap_bytes()
+    }
+
     /// Total length covered by segments.
     pub fn span(&self) -> u64 {
         self.iter().map(|(r, _)| r.len()).sum()
@@ -499,12 +507,19 @@ impl<V: SegmentValue> SegmentSet<V> {
     fn raw_insert(&mut self, r: Range, value: V) {
         let gap = self.gap_around(r.start());
         debug_assert!(gap.is_superset_of(r), "{r} not inside gap {gap}");
-        self.gaps.remove(gap.start());
-        if gap.start() < r.start() {
-            self.gaps.insert(gap.start(), r.start() - gap.start());
-        }
-        if r.end() < gap.end() {
-            self.gaps.insert(r.end(), gap.end() - r.end());
+        // Reuse the gap's node for what is left of it (in place, see
+        // `GapIndex::adjust`); only a gap split in two needs an insert.
+        match (gap.start() < r.start(), r.end() < gap.end()) {
+            (true, true) => {
+                self.gaps
+                    .adjust(gap.start(), gap.start(), r.start() - gap.start());
+                self.gaps.insert(r.end(), gap.end() - r.end());
+            }
+            (true, false) => self
+                .gaps
+                .adjust(gap.start(), gap.start(), r.start() - gap.start()),
+            (false, true) => self.gaps.adjust(gap.start(), r.end(), gap.end() - r.end()),
+            (false, false) => self.gaps.remove(gap.start()),
         }
         self.map.insert(
             r.start(),
@@ -525,13 +540,16 @@ impl<V: SegmentValue> SegmentSet<V> {
             .expect("raw_remove of a missing segment");
         let r = Range::new_unchecked(start, entry.end);
         let gap = self.gap_around(start);
-        if gap.start() < start {
-            self.gaps.remove(gap.start());
+        // Grow a neighbouring gap's node in place (see `GapIndex::adjust`).
+        match (gap.start() < start, r.end() < gap.end()) {
+            (true, true) => {
+                self.gaps.remove(r.end());
+                self.gaps.adjust(gap.start(), gap.start(), gap.len());
+            }
+            (true, false) => self.gaps.adjust(gap.start(), gap.start(), gap.len()),
+            (false, true) => self.gaps.adjust(r.end(), gap.start(), gap.len()),
+            (false, false) => self.gaps.insert(gap.start(), gap.len()),
         }
-        if r.end() < gap.end() {
-            self.gaps.remove(r.end());
-        }
-        self.gaps.insert(gap.start(), gap.len());
         (r, entry.value)
     }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use guestmm::kvm::SlotTable;
+use guestmm::kvm::{MergePolicy, SlotTable};
 use guestmm::memfile::{MemoryFile, MemoryFileOptions, MemoryKind};
 use guestmm::mm::{AddressSpaceBackend, BackendError};
 use guestmm::Range;
@@ -16,6 +16,10 @@ struct Fixture {
 }
 
 fn fixture(limit: usize) -> Option<Fixture> {
+    fixture_with(limit, MergePolicy::Eager)
+}
+
+fn fixture_with(limit: usize, policy: MergePolicy) -> Option<Fixture> {
     let kvm = match Kvm::new() {
         Ok(k) => k,
         Err(e) => {
@@ -26,7 +30,7 @@ fn fixture(limit: usize) -> Option<Fixture> {
     let vm = Arc::new(kvm.create_vm().expect("create_vm"));
     let mf = MemoryFile::new("slots", MemoryFileOptions::default()).unwrap();
     mf.allocate(64 * MIB, MemoryKind::Anonymous).unwrap();
-    let table = SlotTable::new(vm, 1 << 32, limit).unwrap();
+    let table = SlotTable::with_policy(vm, 1 << 32, limit, policy).unwrap();
     Some(Fixture { mf, table })
 }
 
@@ -61,6 +65,41 @@ fn adjacent_installs_merge_into_one_slot() {
     f.table.check_invariants().unwrap();
     let s = f.table.stats();
     assert_eq!((s.adds, s.deletes, s.live, s.max_live), (3, 2, 1, 2));
+}
+
+#[test]
+fn lazy_merge_extends_runs_with_new_slots_then_merges_the_run() {
+    let Some(f) = fixture_with(32, MergePolicy::Lazy { max_slots: 4 }) else {
+        return;
+    };
+    for i in 0..3 {
+        f.install(i * 2 * MIB, 2 * MIB, true).unwrap();
+    }
+    let want: Vec<_> = (0..3)
+        .map(|i| (r(i * 2 * MIB, (i + 1) * 2 * MIB), true))
+        .collect();
+    assert_eq!(
+        f.table.slots(),
+        want,
+        "three adjacent installs, three slots"
+    );
+    f.table.check_invariants().unwrap();
+    // A same-writability replacement inside one slot changes no slot.
+    f.install(2 * MIB, MIB, true).unwrap();
+    assert_eq!(f.table.slots(), want);
+    assert_eq!(f.table.stats().deletes, 0);
+    // The fourth slot would reach max_slots: the run merges instead.
+    f.install(6 * MIB, 2 * MIB, true).unwrap();
+    assert_eq!(f.table.slots(), vec![(r(0, 8 * MIB), true)]);
+    f.table.check_invariants().unwrap();
+    let s = f.table.stats();
+    assert_eq!((s.adds, s.deletes, s.live, s.max_live), (4, 3, 1, 3));
+    // Read-only pieces still split off, and removal still works.
+    f.table.write_protect(r(2 * MIB, 4 * MIB)).unwrap();
+    f.table.check_invariants().unwrap();
+    f.table.remove(r(0, 8 * MIB)).unwrap();
+    assert!(f.table.slots().is_empty());
+    f.table.check_invariants().unwrap();
 }
 
 #[test]

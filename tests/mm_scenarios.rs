@@ -280,3 +280,31 @@ fn stats_count_populated_and_committed_bytes() {
     assert_eq!(s.committed_bytes, 3 * 4096, "got {s:?}");
     assert_eq!((s.vmas, s.pmas, s.faults, s.windows), (1, 1, 1, 1));
 }
+
+#[test]
+fn metadata_bytes_grows_with_bookkeeping_not_with_memory() {
+    let (_mf, _be, space) = setup("test");
+    let empty = space.metadata_bytes();
+    let gpa = space
+        .map(MapOpts::anonymous(256 * MIB).fixed(1 << 30))
+        .unwrap();
+    let one_vma = space.metadata_bytes();
+    assert!(one_vma > empty, "got {one_vma}, want > {empty} after a map");
+    space.handle_fault(gpa, Access::Write).unwrap();
+    space.handle_fault(gpa + 128 * MIB, Access::Write).unwrap();
+    let populated = space.metadata_bytes();
+    assert!(
+        populated > one_vma,
+        "got {populated}, want > {one_vma} with pmas"
+    );
+    space.protect(gpa + 64 * MIB, MIB, Perms::READ).unwrap();
+    let protected = space.metadata_bytes();
+    assert!(
+        protected > populated,
+        "got {protected}, want > {populated} with protection nodes"
+    );
+    assert!(
+        protected < 16 << 10,
+        "got {protected} bytes for a handful of entries"
+    );
+}

@@ -8,6 +8,8 @@
 //!   --fault-around-max-kib N largest window (default 32768)
 //!   --eager                  RAM as one slot registered up front (baseline)
 //!   --max-slots N            memslot cap
+//!   --lazy-merge N           extend runs with new slots below N live slots
+//!                            (MergePolicy::Lazy), merge runs at N
 //!   --memfile-max-mib N      guest memory cap
 //!   --stats                  print maps() and counters after each guest
 //!   --json                   one JSON object per guest instead of the summary line
@@ -31,8 +33,8 @@ struct Args {
 }
 
 const USAGE: &str = "usage: tinyvmm [--ram-mib N] [--vcpus N] [--fault-around-kib N] \
-[--fault-around-max-kib N] [--eager] [--max-slots N] [--memfile-max-mib N] [--stats] [--json] \
-[--list] [-v|-vv] [GUEST|all]...";
+[--fault-around-max-kib N] [--eager] [--max-slots N] [--lazy-merge N] [--memfile-max-mib N] \
+[--stats] [--json] [--list] [-v|-vv] [GUEST|all]...";
 
 fn parse() -> Result<Args, String> {
     let mut a = Args {
@@ -54,6 +56,11 @@ fn parse() -> Result<Args, String> {
             "--fault-around-max-kib" => a.opts.fault_around_max = num(&mut it, &arg)? << 10,
             "--eager" => a.opts.eager = true,
             "--max-slots" => a.opts.max_slots = Some(num(&mut it, &arg)? as usize),
+            "--lazy-merge" => {
+                a.opts.slot_merge = guestmm::kvm::MergePolicy::Lazy {
+                    max_slots: num(&mut it, &arg)? as usize,
+                }
+            }
             "--memfile-max-mib" => a.opts.memfile_max = Some(num(&mut it, &arg)? << 20),
             "--stats" => a.stats = true,
             "--json" => a.json = true,

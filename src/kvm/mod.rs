@@ -18,6 +18,6 @@ pub mod vm;
 pub mod walk;
 
 pub use exits::{FailedInstruction, MemOperand, MemoryExit, MemoryViolation, ViolationKind};
-pub use slots::{SlotStats, SlotTable};
+pub use slots::{MergePolicy, SlotStats, SlotTable};
 pub use vcpu::{Action, ExitHandler, VcpuStop};
 pub use vm::{Vm, VmError, VmOptions, VmStats};

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use kvm_bindings::kvm_enable_cap;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
-use super::slots::{SlotStats, SlotTable};
+use super::slots::{MergePolicy, SlotStats, SlotTable};
 use crate::memfile::MemoryFile;
 use crate::mm::{AddressSpace, AddressSpaceOptions, BackendError, FaultError, MmError};
 use crate::range::GuestRange;
@@ -60,6 +60,8 @@ pub struct VmOptions {
     pub space: AddressSpaceOptions,
     /// Lower the memslot limit below what KVM offers.
     pub max_slots: Option<usize>,
+    /// When adjacent installs share a memslot.
+    pub slot_merge: MergePolicy,
 }
 
 impl Default for VmOptions {
@@ -70,6 +72,7 @@ impl Default for VmOptions {
                 ..AddressSpaceOptions::default()
             },
             max_slots: None,
+            slot_merge: MergePolicy::Eager,
         }
     }
 }
@@ -147,7 +150,12 @@ impl Vm {
         }
         let kvm_limit = kvm.get_nr_memslots();
         let limit = opts.max_slots.map_or(kvm_limit, |m| m.min(kvm_limit));
-        let slots = Arc::new(SlotTable::new(vm_fd.clone(), opts.space.size, limit)?);
+        let slots = Arc::new(SlotTable::with_policy(
+            vm_fd.clone(),
+            opts.space.size,
+            limit,
+            opts.slot_merge,
+        )?);
         let space = AddressSpace::new(memfile, slots.clone(), opts.space)?;
         Ok(Arc::new(Vm {
             vm_fd,

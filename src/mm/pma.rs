@@ -138,6 +138,12 @@ impl PrivateRefs {
             .collect()
     }
 
+    /// Heap bytes of the refcount segments (estimate, see
+    /// [`SegmentSet::heap_bytes`]).
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.lock().heap_bytes()
+    }
+
     /// Every counted range (for invariant checks).
     pub(crate) fn all(&self) -> Vec<(FileRange, u64)> {
         self.lock().iter().map(|(r, c)| (r, c.0)).collect()

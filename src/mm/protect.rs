@@ -126,6 +126,12 @@ impl ProtectionRanges {
         self.rest.len() + 1
     }
 
+    /// Heap bytes of the boundary nodes (0 for a single region); B-tree
+    /// node overhead not counted.
+    pub fn heap_bytes(&self) -> usize {
+        self.rest.len() * (std::mem::size_of::<u64>() + std::mem::size_of::<Perms>())
+    }
+
     /// The permissions at `addr` and the region holding it, clipped to
     /// `mapping`. The fault path uses the region to cap its fault-around
     /// window (Zircon's `FlagsRangeAtAddr`).

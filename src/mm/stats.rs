@@ -94,6 +94,25 @@ impl AddressSpace {
         out
     }
 
+    /// An estimate of the heap bytes of this space's bookkeeping: vma and
+    /// pma entries, protection-range nodes, and the private-page refcounts
+    /// (shared with forks, counted in full here). Counts entries times their
+    /// sizes plus the segment sets' gap arenas; B-tree node overhead, vma
+    /// names and mappables' own state are not counted.
+    pub fn metadata_bytes(&self) -> usize {
+        let mapping = self.read_mapping();
+        let active = self.lock_active();
+        let protection: usize = mapping
+            .vmas
+            .iter()
+            .map(|(_, v)| v.protection.heap_bytes())
+            .sum();
+        mapping.vmas.heap_bytes()
+            + protection
+            + active.pmas.heap_bytes()
+            + self.private_refs.heap_bytes()
+    }
+
     /// Bytes that got pmas over the space's life (cheap: no lock).
     pub fn populated_total(&self) -> u64 {
         self.counters.populated_bytes.load(Ordering::Relaxed)

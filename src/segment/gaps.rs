@@ -42,6 +42,12 @@ impl Default for GapIndex {
 }
 
 impl GapIndex {
+    /// Heap bytes of the node arena (live and free nodes).
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.nodes.capacity() * std::mem::size_of::<Node>()
+            + self.free.capacity() * std::mem::size_of::<u32>()
+    }
+
     /// Adds the gap `[start, start + len)`.
     ///
     /// Preconditions: `len > 0`; no gap starts at `start`.
@@ -85,6 +91,47 @@ impl GapIndex {
             self.free.push(mid);
         }
         self.root = self.merge(lo, hi);
+    }
+
+    /// Moves the gap starting at `old_start` to `[new_start, new_start +
+    /// len)` in place: one descent, then the subtree maxima on the way back.
+    /// Key order is kept because no other gap starts between `old_start`
+    /// and `new_start`, and priorities do not change, so the tree keeps its
+    /// shape (cheaper than a remove and an insert: no split, no merge).
+    ///
+    /// Preconditions: `len > 0`; a gap starts at `old_start`; no other gap
+    /// starts in the closed range between `old_start` and `new_start`.
+    pub(super) fn adjust(&mut self, old_start: u64, new_start: u64, len: u64) {
+        debug_assert!(len > 0);
+        let mut path: [u32; 128] = [NIL; 128];
+        let mut depth = 0;
+        let mut cur = self.root;
+        while cur != NIL {
+            let n = self.node(cur);
+            if depth == path.len() {
+                // Deeper than any treap of realistic size: fall back.
+                self.remove(old_start);
+                self.insert(new_start, len);
+                return;
+            }
+            path[depth] = cur;
+            depth += 1;
+            match old_start.cmp(&n.start) {
+                std::cmp::Ordering::Less => cur = n.left,
+                std::cmp::Ordering::Greater => cur = n.right,
+                std::cmp::Ordering::Equal => break,
+            }
+        }
+        debug_assert!(cur != NIL, "no gap at {old_start:#x}");
+        if cur == NIL {
+            return;
+        }
+        let node = &mut self.nodes[cur as usize];
+        node.start = new_start;
+        node.len = len;
+        for &id in path[..depth].iter().rev() {
+            self.update(id);
+        }
     }
 
     /// The lowest gap starting at or above `from` with at least `len` bytes,

@@ -16,7 +16,9 @@ use kvm_ioctls::{Kvm, VcpuFd};
 use super::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
 use super::guests::{cow_pattern, Guest};
 use super::hypercall::{self, Hypercall};
-use crate::kvm::{Action, ExitHandler, MemoryViolation, VcpuStop, Vm, VmOptions, VmStats};
+use crate::kvm::{
+    Action, ExitHandler, MemoryViolation, MergePolicy, VcpuStop, Vm, VmOptions, VmStats,
+};
 use crate::memfile::{MemoryFile, MemoryFileOptions};
 use crate::mm::{AddressSpaceOptions, HostFile, IoOpts, MapOpts, Mappable, MapsEntry, Stats};
 use crate::perms::Perms;
@@ -39,6 +41,8 @@ pub struct RunOptions {
     pub max_slots: Option<usize>,
     /// MemoryFile size limit.
     pub memfile_max: Option<u64>,
+    /// When adjacent RAM installs share a memslot.
+    pub slot_merge: MergePolicy,
 }
 
 impl Default for RunOptions {
@@ -51,6 +55,7 @@ impl Default for RunOptions {
             eager: false,
             max_slots: None,
             memfile_max: None,
+            slot_merge: MergePolicy::Eager,
         }
     }
 }
@@ -275,6 +280,7 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         VmOptions {
             space: space_opts,
             max_slots: opts.max_slots,
+            slot_merge: opts.slot_merge,
         },
     )?;
     let space = vm.space().clone();
