@@ -13,6 +13,8 @@ use guestmm::memfile::{MemoryFile, MemoryFileOptions};
 use guestmm::mm::{AddressSpace, AddressSpaceOptions, MapOpts, NoopBackend};
 use guestmm::Perms;
 
+use super::rng::Rng;
+
 const KIB: u64 = 1 << 10;
 const GIB: u64 = 1 << 30;
 
@@ -53,23 +55,6 @@ pub enum Op {
         /// Length.
         len: u64,
     },
-}
-
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// The operation sequence: maps (replacing what is there) and unmaps of

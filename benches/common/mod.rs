@@ -6,6 +6,8 @@
 
 pub mod anon_vm;
 pub mod churn;
+#[path = "../../tests/common/rng.rs"]
+pub mod rng;
 
 use std::fmt::Write as _;
 use std::time::Duration;
