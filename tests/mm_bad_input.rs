@@ -156,6 +156,7 @@ fn file_kind(e: &FileError) -> &'static str {
         FileError::Memory(_) => "Memory",
         FileError::BeyondEnd { .. } => "BeyondEnd",
         FileError::BadSize { .. } => "BadSize",
+        FileError::BadTranslation { .. } => "BadTranslation",
         FileError::Range(_) => "Range",
         FileError::Access { .. } => "Access",
         FileError::Host { .. } => "Host",

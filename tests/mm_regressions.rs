@@ -139,3 +139,79 @@ fn failed_install_after_cow_break_leaves_no_stale_page_in_the_guest() {
     parent.read(gpa, &mut buf).unwrap();
     assert_ne!(&buf, b"kid");
 }
+
+/// A third-party object whose `translate` answers with offsets it was not
+/// asked for (or too few).
+#[derive(Debug)]
+struct LyingObject {
+    mf: Arc<guestmm::memfile::MemoryFile>,
+    backing: guestmm::FileRange,
+    shift: u64,
+}
+
+impl guestmm::mm::Mappable for LyingObject {
+    fn size(&self) -> u64 {
+        self.backing.len()
+    }
+    fn max_perms(&self) -> guestmm::Perms {
+        guestmm::Perms::ALL
+    }
+    fn add_mapping(
+        &self,
+        _: std::sync::Weak<dyn guestmm::mm::MappingSpace>,
+        _: u64,
+        _: guestmm::GuestRange,
+        _: u64,
+    ) {
+    }
+    fn remove_mapping(&self, _: u64, _: guestmm::GuestRange, _: u64) {}
+    fn translate(
+        &self,
+        required: guestmm::Range,
+        _optional: guestmm::Range,
+        _access: Access,
+    ) -> Result<Vec<guestmm::mm::Translation>, guestmm::mm::FileError> {
+        let start = required.start() + self.shift;
+        let source = guestmm::Range::new(start, start + 4096).unwrap();
+        Ok(vec![guestmm::mm::Translation {
+            source,
+            file: self.mf.clone(),
+            offset: self.backing.start(),
+            perms: guestmm::Perms::ALL,
+        }])
+    }
+}
+
+#[test]
+fn a_mappable_that_translates_the_wrong_offsets_is_refused_not_trusted() {
+    for shift in [0, 8192, 1 << 40] {
+        let (mf, be, space) = setup("regressions");
+        let backing = mf
+            .allocate(2 * MIB, guestmm::memfile::MemoryKind::Other)
+            .unwrap();
+        let obj = Arc::new(LyingObject {
+            mf: mf.clone(),
+            backing,
+            shift,
+        });
+        let gpa = space
+            .map(MapOpts::object(obj, 0, 2 * MIB).fixed(1 << 30))
+            .unwrap();
+        let got = space.handle_fault(gpa, Access::Read);
+        assert!(
+            matches!(got, Err(guestmm::mm::FaultError::Bus { .. })),
+            "shift {shift:#x}: got {got:?}, want a Bus fault (BadTranslation)"
+        );
+        space.check_invariants().unwrap();
+        assert!(
+            be.installed().is_empty(),
+            "nothing installed from a bad translation"
+        );
+        drop(space);
+        assert_eq!(
+            mf.refs(backing.start()),
+            Some(1),
+            "refs balanced after refusal"
+        );
+    }
+}

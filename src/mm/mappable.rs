@@ -39,6 +39,16 @@ pub enum FileError {
     /// A range argument is malformed (unaligned or overflowing).
     #[error(transparent)]
     Range(#[from] crate::range::RangeError),
+    /// A [`Mappable::translate`] result that does not fit what was asked:
+    /// outside `required`, unaligned, overlapping, or leaving part of it
+    /// untranslated (`offending` names them).
+    #[error("translation of {offending} does not fit the required offsets {required}")]
+    BadTranslation {
+        /// The object offsets asked for.
+        required: Range,
+        /// The offending (or missing) offsets.
+        offending: Range,
+    },
     /// The object does not allow this access.
     #[error("{access} access not allowed by the object (allows {allowed})")]
     Access {

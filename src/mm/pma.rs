@@ -212,21 +212,48 @@ impl AddressSpace {
                         vma.object_offset(vr, hole.end()),
                     );
                     for t in m.translate(required, required, access)? {
+                        // A third-party Mappable may misbehave: refuse what
+                        // does not fit the hole rather than corrupt the pmas.
+                        let fits = required.is_superset_of(t.source)
+                            && !t.source.is_empty()
+                            && t.source.is_page_aligned()
+                            && t.offset % crate::PAGE_SIZE == 0;
+                        if !fits {
+                            return Err(FileError::BadTranslation {
+                                required,
+                                offending: t.source,
+                            }
+                            .into());
+                        }
                         let guest_start = vr.start() + (t.source.start() - vma.offset);
                         let guest = Range::new_unchecked(guest_start, guest_start + t.source.len());
-                        let fr = Range::new_unchecked(t.offset, t.offset + t.source.len());
-                        t.file.inc_ref(fr)?;
                         let pma = Pma {
-                            file: t.file,
+                            file: t.file.clone(),
                             offset: t.offset,
                             max_perms: t.perms,
                             need_cow: vma.private,
                             private: false,
                         };
-                        active
-                            .pmas
-                            .insert(guest, pma)
-                            .expect("translation inside the hole");
+                        if active.pmas.insert(guest, pma).is_err() {
+                            return Err(FileError::BadTranslation {
+                                required,
+                                offending: t.source,
+                            }
+                            .into());
+                        }
+                        t.file
+                            .inc_ref(Range::new_unchecked(t.offset, t.offset + t.source.len()))?;
+                    }
+                    if let Some(gap) = active.pmas.gaps(hole).next() {
+                        let missing = Range::new_unchecked(
+                            vma.object_offset(vr, gap.start()),
+                            vma.object_offset(vr, gap.end()),
+                        );
+                        return Err(FileError::BadTranslation {
+                            required,
+                            offending: missing,
+                        }
+                        .into());
                     }
                 }
             }
