@@ -4,7 +4,7 @@
 use super::MemoryFileError;
 use crate::range::{align_up, HUGE_PAGE_SIZE};
 
-/// How to size a [`MemoryFile`].
+/// How to size a [`MemoryFile`](super::MemoryFile).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryFileOptions {
     /// The file never grows past this many bytes (a multiple of
