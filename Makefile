@@ -21,10 +21,11 @@ test:
 bench:
 	$(CARGO) bench
 
-## Formatting and clippy, warnings are errors.
+## Formatting, clippy and rustdoc, warnings are errors.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps
 
 ## Copy the guest flat binaries (built by build.rs) to guest/build/.
 guests:
