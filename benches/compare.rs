@@ -76,7 +76,7 @@ fn main() {
     let mut table = Table::default();
     let started = std::time::Instant::now();
 
-    let kvm = match kvm_ioctls::Kvm::new() {
+    let kvm = match guestmm::kvm::open_kvm() {
         Ok(k) => Some(k),
         Err(e) => {
             println!("note: /dev/kvm unavailable ({e}): skipping touch and startup");

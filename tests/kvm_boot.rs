@@ -2,6 +2,9 @@
 //! and RAM are plain anonymous memory registered as eager memslots, and a
 //! small run loop here handles the hypercalls. Every guest must exit 0.
 
+mod common;
+use common::kvm_or_skip;
+
 use guestmm::vmm::boot::{
     BootError, BootLayout, EntryArgs, BOOT_SIZE, CODE_MAX_SIZE, DEFAULT_RAM_BASE,
 };
@@ -11,17 +14,6 @@ use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 const MIB: u64 = 1 << 20;
-
-/// Opens /dev/kvm, or says why the test is skipped.
-fn kvm_or_skip() -> Option<Kvm> {
-    match Kvm::new() {
-        Ok(kvm) => Some(kvm),
-        Err(_) => {
-            println!("skipping: /dev/kvm not available");
-            None
-        }
-    }
-}
 
 /// Anonymous host memory, unmapped on drop.
 struct HostMem {

@@ -3,24 +3,15 @@
 //! page walks through pages without a memslot) are resolved by guestmm, and
 //! an instruction that can never complete is a violation, not a hang.
 
+mod common;
+use common::kvm_or_skip;
+
 use std::time::Instant;
 
 use guestmm::kvm::ViolationKind;
 use guestmm::vmm::boot::HOLE_GPA;
 use guestmm::vmm::guests::{self, Guest};
 use guestmm::vmm::runner::{run_guest, GuestReport, RunOptions};
-use kvm_ioctls::Kvm;
-
-/// Opens /dev/kvm, or says why the test is skipped.
-fn kvm_or_skip() -> Option<Kvm> {
-    match Kvm::new() {
-        Ok(kvm) => Some(kvm),
-        Err(_) => {
-            println!("skipping: /dev/kvm not available");
-            None
-        }
-    }
-}
 
 fn guest(name: &str) -> &'static Guest {
     guests::find(name).unwrap_or_else(|| panic!("no guest {name}"))

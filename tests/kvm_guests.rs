@@ -1,6 +1,9 @@
 //! The test guests on real KVM through the library's runner, with the
 //! counters the memslot and fault-around policies promise.
 
+mod common;
+use common::kvm_or_skip;
+
 use guestmm::kvm::ViolationKind;
 use guestmm::vmm::boot::{DEFAULT_RAM_BASE, HOLE_GPA};
 use guestmm::vmm::guests;
@@ -9,16 +12,6 @@ use guestmm::{Access, Perms};
 use kvm_ioctls::Kvm;
 
 const MIB: u64 = 1 << 20;
-
-fn kvm_or_skip() -> Option<Kvm> {
-    match Kvm::new() {
-        Ok(kvm) => Some(kvm),
-        Err(e) => {
-            println!("skipping: /dev/kvm not available ({e})");
-            None
-        }
-    }
-}
 
 fn run(kvm: &Kvm, name: &str, opts: &RunOptions) -> GuestReport {
     let guest = guests::find(name).unwrap_or_else(|| panic!("no guest {name}"));

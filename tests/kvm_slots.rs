@@ -1,12 +1,14 @@
 //! SlotTable against a real KVM VM: the slot policy (merge, split, limit).
 
+mod common;
+use common::kvm_or_skip;
+
 use std::sync::Arc;
 
 use guestmm::kvm::{MergePolicy, SlotTable};
 use guestmm::memfile::{MemoryFile, MemoryFileOptions, MemoryKind};
 use guestmm::mm::{AddressSpaceBackend, BackendError};
 use guestmm::Range;
-use kvm_ioctls::Kvm;
 
 const MIB: u64 = 1 << 20;
 
@@ -20,13 +22,7 @@ fn fixture(limit: usize) -> Option<Fixture> {
 }
 
 fn fixture_with(limit: usize, policy: MergePolicy) -> Option<Fixture> {
-    let kvm = match Kvm::new() {
-        Ok(k) => k,
-        Err(e) => {
-            println!("skipping: /dev/kvm not available ({e})");
-            return None;
-        }
-    };
+    let kvm = kvm_or_skip()?;
     let vm = Arc::new(kvm.create_vm().expect("create_vm"));
     let mf = MemoryFile::new("slots", MemoryFileOptions::default()).unwrap();
     mf.allocate(64 * MIB, MemoryKind::Anonymous).unwrap();

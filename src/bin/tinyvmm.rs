@@ -23,7 +23,6 @@ use std::process::ExitCode;
 
 use guestmm::vmm::guests::{self, GUESTS};
 use guestmm::vmm::runner::{run_guest, GuestReport, RunOptions};
-use kvm_ioctls::Kvm;
 
 struct Args {
     opts: RunOptions,
@@ -144,7 +143,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let kvm = match Kvm::new() {
+    let kvm = match guestmm::kvm::open_kvm() {
         Ok(k) => k,
         Err(e) => {
             eprintln!("tinyvmm: cannot open /dev/kvm: {e}");

@@ -20,4 +20,4 @@ pub mod walk;
 pub use exits::{FailedInstruction, MemOperand, MemoryExit, MemoryViolation, ViolationKind};
 pub use slots::{MergePolicy, SlotStats, SlotTable};
 pub use vcpu::{Action, ExitHandler, VcpuStop};
-pub use vm::{Vm, VmError, VmOptions, VmStats};
+pub use vm::{open_kvm, Vm, VmError, VmOptions, VmStats};

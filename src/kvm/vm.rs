@@ -53,6 +53,24 @@ pub enum VmError {
     Backend(#[from] BackendError),
 }
 
+/// Opens `/dev/kvm` and checks that it answers as KVM does (API version
+/// 12), so a missing, inaccessible or impostor device is one clear error
+/// instead of a failure at the first VM ioctl.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(|source| VmError::Kvm {
+        op: "open /dev/kvm",
+        source,
+    })?;
+    let version = kvm.get_api_version();
+    if version != kvm_bindings::KVM_API_VERSION as i32 {
+        return Err(VmError::Kvm {
+            op: "KVM_GET_API_VERSION",
+            source: kvm_ioctls::Error::new(libc::ENOTTY),
+        });
+    }
+    Ok(kvm)
+}
+
 /// Options of a [`Vm`].
 #[derive(Debug, Clone)]
 pub struct VmOptions {

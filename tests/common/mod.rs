@@ -46,3 +46,25 @@ pub fn tempfile(tag: &str) -> std::fs::File {
     std::fs::remove_file(&path).unwrap();
     f
 }
+
+/// KVM, or `None` when it is unavailable. The first test of a binary that
+/// skips says so in one line on stderr, written past the test harness's
+/// output capture so `make test` shows it.
+pub fn kvm_or_skip() -> Option<kvm_ioctls::Kvm> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    match guestmm::kvm::open_kvm() {
+        Ok(kvm) => Some(kvm),
+        Err(e) => {
+            SAID.call_once(|| {
+                use std::io::Write;
+                let exe = std::env::args().next().unwrap_or_default();
+                let name = exe.rsplit('/').next().unwrap_or_default().to_string();
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "skipping: /dev/kvm not available ({e}); KVM tests in {name} skip"
+                );
+            });
+            None
+        }
+    }
+}
