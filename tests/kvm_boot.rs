@@ -3,6 +3,7 @@
 //! small run loop here handles the hypercalls. Every guest must exit 0.
 
 mod common;
+use common::host_mem::HostMem;
 use common::kvm_or_skip;
 
 use guestmm::vmm::boot::{
@@ -10,65 +11,10 @@ use guestmm::vmm::boot::{
 };
 use guestmm::vmm::guests::{self, Guest};
 use guestmm::vmm::hypercall::{self, Hypercall};
-use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
+use kvm_bindings::kvm_regs;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 const MIB: u64 = 1 << 20;
-
-/// Anonymous host memory, unmapped on drop.
-struct HostMem {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl HostMem {
-    fn new(len: u64) -> HostMem {
-        let len = len as usize;
-        // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap of {len} bytes failed");
-        HostMem {
-            ptr: ptr.cast(),
-            len,
-        }
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: ptr..ptr+len is our live mapping and `&mut self` makes this
-        // the only host reference to it.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-
-    /// Registers this memory as memslot `slot` at `gpa`.
-    fn register(&self, vm: &VmFd, slot: u32, gpa: u64) {
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: self.len as u64,
-            userspace_addr: self.ptr as u64,
-        };
-        // SAFETY: the mapping outlives the VM: the owning TestVm drops its
-        // vCPUs and VM fd before its HostMem fields (field order).
-        unsafe { vm.set_user_memory_region(region) }.expect("set_user_memory_region");
-    }
-}
-
-impl Drop for HostMem {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping created in `new`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
 
 /// A VM with eager boot region, RAM and (optionally) template slots.
 /// Field order matters: vCPUs and the VM go before the memory they use.

@@ -8,69 +8,10 @@ use std::time::{Duration, Instant};
 use guestmm::vmm::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
 use guestmm::vmm::guests::Guest;
 use guestmm::vmm::hypercall::{self, Hypercall};
-use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
+use kvm_bindings::kvm_regs;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
-/// Anonymous host memory, unmapped on drop.
-///
-/// Invariant: `ptr..ptr + len` is a private anonymous mapping owned by this
-/// value.
-struct HostMem {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl HostMem {
-    fn new(len: u64) -> HostMem {
-        let len = usize::try_from(len).expect("fits the host");
-        // SAFETY: a fresh anonymous private mapping with no address hint;
-        // no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap of {len} bytes failed");
-        HostMem {
-            ptr: ptr.cast(),
-            len,
-        }
-    }
-
-    fn write(&mut self, offset: u64, bytes: &[u8]) {
-        let off = usize::try_from(offset).expect("fits");
-        assert!(off + bytes.len() <= self.len, "write past the mapping");
-        // SAFETY: the destination lies inside our mapping (checked above),
-        // which no Rust reference aliases; the source is a distinct slice.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(off), bytes.len()) };
-    }
-
-    /// Registers this memory as memslot `slot` at `gpa`.
-    fn register(&self, vm: &VmFd, slot: u32, gpa: u64) {
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: self.len as u64,
-            userspace_addr: self.ptr as u64,
-        };
-        // SAFETY: the mapping outlives the slot: `AnonVm` drops its vCPU and
-        // VM fd before its `HostMem` fields (field order).
-        unsafe { vm.set_user_memory_region(region) }.expect("set_user_memory_region");
-    }
-}
-
-impl Drop for HostMem {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping created in `new` (invariant).
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
+use super::host_mem::HostMem;
 
 /// A one-vCPU VM over eager anonymous memory. Field order matters: the
 /// vCPU and the VM go before the memory they use.

@@ -6,6 +6,8 @@
 
 pub mod anon_vm;
 pub mod churn;
+#[path = "../../tests/common/host_mem.rs"]
+pub mod host_mem;
 #[path = "../../tests/common/rng.rs"]
 pub mod rng;
 

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod host_mem;
 pub mod rng;
 
 use std::sync::atomic::{AtomicU64, Ordering};
