@@ -8,23 +8,12 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use guestmm::memfile::{MemoryFile, MemoryFileOptions, MemoryKind};
-use guestmm::{Range, PAGE_SIZE};
+mod common;
+use common::fragmented_memfile;
 
-fn fragmented(n: u64) -> MemoryFile {
-    let f = MemoryFile::new("bench", MemoryFileOptions::default()).expect("memfile");
-    for _ in 0..2 * n {
-        f.allocate(PAGE_SIZE, MemoryKind::Anonymous)
-            .expect("allocate");
-    }
-    for i in 0..n {
-        let r = Range::pages(2 * i * PAGE_SIZE + PAGE_SIZE, PAGE_SIZE).expect("range");
-        f.dec_ref(r).expect("free");
-    }
-    assert_eq!(f.segment_count() as u64, n, "live set must not merge");
-    f
-}
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use guestmm::memfile::MemoryKind;
+use guestmm::PAGE_SIZE;
 
 fn alloc_free(c: &mut Criterion) {
     let mut g = c.benchmark_group("allocate_4k_dec_ref");
@@ -32,7 +21,7 @@ fn alloc_free(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
     for n in [1_000u64, 10_000, 100_000] {
-        let f = fragmented(n);
+        let f = fragmented_memfile(n);
         g.bench_with_input(BenchmarkId::from_parameter(n), &f, |b, f| {
             b.iter(|| {
                 let r = f

@@ -12,6 +12,9 @@ pub mod host_mem;
 pub mod rng;
 
 use std::fmt::Write as _;
+
+use guestmm::memfile::{MemoryFile, MemoryFileOptions, MemoryKind};
+use guestmm::{Range, PAGE_SIZE};
 use std::time::Duration;
 
 /// One figure of the report.
@@ -216,4 +219,21 @@ impl RssProbe {
         };
         end.saturating_sub(self.start)
     }
+}
+
+/// A memory file holding `n` live, fragmented allocations: 2N single pages
+/// allocated, every other one freed, so the allocation map truly holds N
+/// segments separated by one-page holes (neighbours cannot merge).
+pub fn fragmented_memfile(n: u64) -> MemoryFile {
+    let f = MemoryFile::new("bench-alloc", MemoryFileOptions::default()).expect("memfile");
+    for _ in 0..2 * n {
+        f.allocate(PAGE_SIZE, MemoryKind::Anonymous)
+            .expect("allocate");
+    }
+    for i in 0..n {
+        let r = Range::pages(2 * i * PAGE_SIZE + PAGE_SIZE, PAGE_SIZE).expect("range");
+        f.dec_ref(r).expect("free");
+    }
+    assert_eq!(f.segment_count() as u64, n, "live set must not merge");
+    f
 }

@@ -4,27 +4,13 @@
 
 use std::time::Instant;
 
-use guestmm::memfile::{MemoryFile, MemoryFileOptions, MemoryKind};
-use guestmm::{Range, PAGE_SIZE};
+use guestmm::memfile::{MemoryFile, MemoryKind};
+use guestmm::PAGE_SIZE;
 
-use crate::common::{median, Table, Target};
+use crate::common::{fragmented_memfile, median, Table, Target};
 
 /// Allocate/free pairs per timed batch.
 const BATCH: u32 = 2_000;
-
-fn fragmented(n: u64) -> MemoryFile {
-    let f = MemoryFile::new("alloc", MemoryFileOptions::default()).expect("memfile");
-    for _ in 0..2 * n {
-        f.allocate(PAGE_SIZE, MemoryKind::Anonymous)
-            .expect("allocate");
-    }
-    for i in 0..n {
-        let r = Range::pages(2 * i * PAGE_SIZE + PAGE_SIZE, PAGE_SIZE).expect("range");
-        f.dec_ref(r).expect("free");
-    }
-    assert_eq!(f.segment_count() as u64, n, "live set must not merge");
-    f
-}
 
 /// Nanoseconds per allocate + dec_ref pair, over one batch.
 fn batch_ns(f: &MemoryFile) -> f64 {
@@ -40,7 +26,7 @@ fn batch_ns(f: &MemoryFile) -> f64 {
 
 pub fn run(table: &mut Table) {
     let sizes = [1_000u64, 100_000];
-    let files: Vec<MemoryFile> = sizes.iter().map(|&n| fragmented(n)).collect();
+    let files: Vec<MemoryFile> = sizes.iter().map(|&n| fragmented_memfile(n)).collect();
     for f in &files {
         batch_ns(f); // warm up
     }
