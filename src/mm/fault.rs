@@ -236,6 +236,32 @@ impl AddressSpace {
     }
 }
 
+impl AddressSpace {
+    /// Populates and installs `[gpa, gpa + len)` now, as guest accesses of
+    /// kind `access` would (`MADV_POPULATE_READ` / `MADV_POPULATE_WRITE`): a
+    /// write breaks copy-on-write, so afterwards no guest access there exits.
+    ///
+    /// Use it before starting vCPUs that update copy-on-write memory with
+    /// locked instructions: see the atomicity note in the crate README.
+    ///
+    /// Errors (nothing changes): a bad range, a part of it unmapped, or a
+    /// protection that forbids `access`. Out of memory or slots part-way
+    /// leaves what was populated.
+    pub fn populate(&self, gpa: u64, len: u64, access: Access) -> Result<(), MmError> {
+        let range = Range::pages(gpa, len)?;
+        self.check_in_space(range)?;
+        let mapping = self.read_mapping();
+        self.check_io_locked(&mapping, range, range, access, super::IoOpts::default())?;
+        let mut active = self.lock_active();
+        for (vr, vma) in mapping.vmas.iter_range(range) {
+            let part = vr.intersect(range);
+            self.ensure_pmas_locked(&mut active, vr, vma, part, access)?;
+            self.install_locked(&active, vr, vma, part)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
