@@ -26,13 +26,14 @@
 //!        │                  emulation failures (software page-table walk, iced-x86
 //!        │                  decode, fault in what the instruction needs)
 //!        │
-//!  bin/tinyvmm              a small VMM that runs the guests in guest/
+//!  vmm, bin/tinyvmm         boot setup, hypercall ABI and runner for the guests in
+//!                           guest/, and the small VMM that runs them
 //! ```
 //!
 //! ## Glossary
 //!
 //! - **vma** (virtual memory area): a guest-physical range mapped to one
-//!   thing: anonymous memory or a [`Mappable`](mm) at an offset, private or
+//!   thing: anonymous memory or a [`Mappable`](mm::Mappable) at an offset, private or
 //!   shared, with maximum permissions and a name. Created by `map`, cut by
 //!   `unmap`.
 //! - **pma** (physical memory area): a populated guest-physical range and the
