@@ -280,7 +280,10 @@ impl<V: SegmentValue> SegmentSet<V> {
         if r.is_empty() {
             return Err(SegmentError::Empty { start: r.start() });
         }
-        if let Some((existing, _)) = self.iter_range(r).next() {
+        // The last segment starting before `r.end` overlaps `r` iff any does.
+        let last_before = self.map.range(..r.end()).next_back();
+        if last_before.is_some_and(|(_, e)| e.end > r.start()) {
+            let (existing, _) = self.iter_range(r).next().expect("an overlapping segment");
             return Err(SegmentError::Overlap { range: r, existing });
         }
         self.raw_insert(r, value);
@@ -344,8 +347,49 @@ impl<V: SegmentValue> SegmentSet<V> {
         }
         self.split_at(r.start());
         self.split_at(r.end());
-        let starts: Vec<u64> = self.iter_range(r).map(|(sr, _)| sr.start()).collect();
-        starts.into_iter().map(|s| self.raw_remove(s)).collect()
+        let starts: Vec<u64> = self
+            .map
+            .range(r.start()..r.end())
+            .map(|(&s, _)| s)
+            .collect();
+        let Some(&first) = starts.first() else {
+            return Vec::new();
+        };
+        // One pass over the gap index for the whole run (rather than a merge
+        // per segment): the gaps between removed segments go, and the gap
+        // that replaces them all reuses a neighbouring gap's node in place
+        // (see `GapIndex::adjust`).
+        let prev_end = self
+            .map
+            .range(..first)
+            .next_back()
+            .map_or(0, |(_, e)| e.end);
+        let mut cursor = prev_end;
+        let mut out = Vec::with_capacity(starts.len());
+        for start in starts {
+            if cursor < start && cursor != prev_end {
+                self.gaps.remove(cursor);
+            }
+            let entry = self.map.remove(&start).expect("segment just listed");
+            cursor = entry.end;
+            out.push((Range::new_unchecked(start, entry.end), entry.value));
+        }
+        let next_start = self
+            .map
+            .range(cursor..)
+            .next()
+            .map_or(u64::MAX, |(&s, _)| s);
+        let len = next_start - prev_end;
+        match (prev_end < first, cursor < next_start) {
+            (true, true) => {
+                self.gaps.remove(cursor);
+                self.gaps.adjust(prev_end, prev_end, len);
+            }
+            (true, false) => self.gaps.adjust(prev_end, prev_end, len),
+            (false, true) => self.gaps.adjust(cursor, prev_end, len),
+            (false, false) => self.gaps.insert(prev_end, len),
+        }
+        out
     }
 
     /// Applies `f` to every segment inside `r` after isolating the segments
