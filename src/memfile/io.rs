@@ -162,6 +162,30 @@ impl<'a> HostSlice<'a> {
     }
 }
 
+/// Copies the bytes of `srcs` into `dsts`, slice lists walked in step, as
+/// far as both reach, and returns how many bytes were copied. A racy byte
+/// copy like the others here (module docs); overlapping slices are copied as
+/// by `memmove`.
+pub fn copy_slices(srcs: &[HostSlice<'_>], dsts: &[HostSlice<'_>]) -> usize {
+    let (mut si, mut so, mut di, mut d_off, mut done) = (0, 0, 0, 0, 0);
+    while si < srcs.len() && di < dsts.len() {
+        let (s, d) = (&srcs[si], &dsts[di]);
+        let n = (s.len - so).min(d.len - d_off);
+        // SAFETY: each slice is `len` bytes of a live mapping for its
+        // lifetime (HostSlice invariant), so both `n`-byte pieces are in
+        // bounds; `ptr::copy` allows them to overlap.
+        unsafe { std::ptr::copy(s.ptr.as_ptr().add(so), d.ptr.as_ptr().add(d_off), n) };
+        (so, d_off, done) = (so + n, d_off + n, done + n);
+        if so == s.len {
+            (si, so) = (si + 1, 0);
+        }
+        if d_off == d.len {
+            (di, d_off) = (di + 1, 0);
+        }
+    }
+    done
+}
+
 impl MemoryFile {
     /// Host slices covering the byte range `range`, in order.
     ///
@@ -239,30 +263,7 @@ impl MemoryFile {
                 self.slices_locked(&mut inner, dst)?,
             )
         };
-        // Walk both slice lists in step; each copy stops at whichever slice
-        // ends first.
-        let (mut si, mut so, mut di, mut d_off) = (0, 0, 0, 0);
-        while si < srcs.len() && di < dsts.len() {
-            let (s, d) = (&srcs[si], &dsts[di]);
-            let n = (s.len - so).min(d.len - d_off);
-            // SAFETY: both pieces are inside live internal mappings
-            // (Chunk invariant) for `n` bytes; the file ranges do not overlap
-            // and each file byte has one internal address, so the host
-            // regions do not overlap either.
-            unsafe {
-                std::ptr::copy_nonoverlapping(s.ptr.as_ptr().add(so), d.ptr.as_ptr().add(d_off), n)
-            };
-            so += n;
-            d_off += n;
-            if so == s.len {
-                si += 1;
-                so = 0;
-            }
-            if d_off == d.len {
-                di += 1;
-                d_off = 0;
-            }
-        }
+        copy_slices(&srcs, &dsts);
         Ok(())
     }
 

@@ -65,7 +65,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use crate::range::{align_up, FileRange, Range, RangeError, HUGE_PAGE_SIZE, PAGE_SIZE};
 use crate::segment::SegmentSet;
 
-pub use io::{HostMapping, HostSlice};
+pub use io::{copy_slices, HostMapping, HostSlice};
 pub use options::MemoryFileOptions;
 pub use usage::{MemoryKind, Usage};
 
