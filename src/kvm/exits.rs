@@ -22,7 +22,7 @@ use crate::perms::{Access, Perms};
 /// is not reported, so a memory-fault exit is treated as a write (the
 /// strongest access: it breaks copy-on-write, and a read fault would only
 /// exit again on the write).
-const MEMORY_FAULT_ACCESS: Access = Access::Write;
+pub(crate) const MEMORY_FAULT_ACCESS: Access = Access::Write;
 
 /// A memory exit: the GPA and access the guest attempted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,5 +220,47 @@ impl std::fmt::Display for MemoryViolation {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_exits_are_recognised_with_their_access() {
+        let mut buf = [0u8; 4];
+        let read = MemoryExit::of(&VcpuExit::MmioRead(0x1000, &mut buf));
+        assert_eq!(
+            read,
+            Some(MemoryExit {
+                gpa: 0x1000,
+                len: 4,
+                access: Access::Read
+            })
+        );
+        let write = MemoryExit::of(&VcpuExit::MmioWrite(0x2000, &[1, 2]));
+        assert_eq!(
+            write,
+            Some(MemoryExit {
+                gpa: 0x2000,
+                len: 2,
+                access: Access::Write
+            })
+        );
+        let fault = MemoryExit::of(&VcpuExit::MemoryFault {
+            flags: 0,
+            gpa: 0x3000,
+            size: 4096,
+        });
+        assert_eq!(
+            fault,
+            Some(MemoryExit {
+                gpa: 0x3000,
+                len: 4096,
+                access: MEMORY_FAULT_ACCESS
+            })
+        );
+        assert_eq!(MemoryExit::of(&VcpuExit::Hlt), None);
     }
 }

@@ -261,7 +261,10 @@ impl Vm {
         gpa: u64,
         handler: &mut dyn ExitHandler,
     ) -> Result<Option<VcpuStop>, VmError> {
-        match self.space().handle_fault(gpa, Access::Write) {
+        match self
+            .space()
+            .handle_fault(gpa, super::exits::MEMORY_FAULT_ACCESS)
+        {
             Ok(_) => {
                 self.counters.memory_exits.fetch_add(1, Ordering::Relaxed);
                 Ok(None)

@@ -113,11 +113,6 @@ impl AddressSpace {
             + self.private_refs.heap_bytes()
     }
 
-    /// Bytes that got pmas over the space's life (cheap: no lock).
-    pub fn populated_total(&self) -> u64 {
-        self.counters.populated_bytes.load(Ordering::Relaxed)
-    }
-
     /// Sizes and counters. Counting committed bytes scans residency
     /// (`mincore`) of this space's memory.
     pub fn stats(&self) -> Stats {
