@@ -1,35 +1,44 @@
 # guestmm: `make run` runs the test guests, `make test` runs every test.
 CARGO ?= cargo
+# tinyvmm, the guests and their tests live behind the `vmm` feature (see Cargo.toml).
+FEATURES ?= --features vmm
 
-.PHONY: all run test bench lint guests clean
+.PHONY: all run test bench lint guests embed-check clean
 
 all: test
 
 ## Build the test guests (build.rs assembles guest/*.S) and tinyvmm, run them all.
 run:
-	$(CARGO) build --release --bin tinyvmm
+	$(CARGO) build --release $(FEATURES) --bin tinyvmm
 	./target/release/tinyvmm all
 
-## Every test: unit, property, memfile, mm, and KVM tests (skipped with one line without /dev/kvm).
-test:
-	$(CARGO) test --all-targets --no-fail-fast
-	$(CARGO) test --doc
+## Every test: unit, property, memfile, mm, and KVM tests (skipped with one line
+## without /dev/kvm), plus a crate that links the library without the guest toolchain.
+test: embed-check
+	$(CARGO) test $(FEATURES) --all-targets --no-fail-fast
+	$(CARGO) test $(FEATURES) --doc
+
+## A scratch crate depending on guestmm (default features) builds with `as`
+## and `objcopy` made to fail: the library needs no guest toolchain.
+embed-check:
+	./.ci/embed-check
 
 ## Criterion benches and the side-by-side comparison runner (figures on
 ## stdout as `bench NAME: VALUE UNIT` / `ratio NAME: VALUE`, table in
 ## target/bench-report.md; about 3 minutes).
 bench:
-	$(CARGO) bench
+	$(CARGO) bench $(FEATURES)
 
-## Formatting, clippy and rustdoc, warnings are errors.
+## Formatting, clippy (with and without the vmm feature) and rustdoc, warnings are errors.
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps
+	$(CARGO) clippy --all-targets $(FEATURES) -- -D warnings
+	$(CARGO) clippy --lib -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps $(FEATURES)
 
 ## Copy the guest flat binaries (built by build.rs) to guest/build/.
 guests:
-	$(CARGO) build
+	$(CARGO) build $(FEATURES)
 	mkdir -p guest/build
 	cp "$$(ls -td target/debug/build/guestmm-*/out | head -n 1)"/*.bin guest/build/
 

@@ -27,8 +27,15 @@
 //!        │                  decode, fault in what the instruction needs)
 //!        │
 //!  vmm, bin/tinyvmm         boot setup, hypercall ABI and runner for the guests in
-//!                           guest/, and the small VMM that runs them
+//!                           guest/, and the small VMM that runs them (feature `vmm`)
 //! ```
+//!
+//! ## Features
+//!
+//! The library itself (everything but [`vmm`]) builds with a Rust toolchain
+//! alone. The `vmm` feature adds `tinyvmm`, its test guests, their boot code
+//! and runner; it assembles `guest/*.S` at build time and so also needs gcc,
+//! as, ld and objcopy. `make run`, `make test` and `make bench` turn it on.
 //!
 //! ## Glossary
 //!
@@ -87,6 +94,7 @@ pub mod mm;
 pub mod perms;
 pub mod range;
 pub mod segment;
+#[cfg(feature = "vmm")]
 pub mod vmm;
 
 pub use perms::{Access, Perms};
