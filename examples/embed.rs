@@ -6,14 +6,14 @@
 
 use std::sync::Arc;
 
-use guestmm::kvm::{Action, ExitHandler, MemoryViolation, Vm, VmOptions};
+use guestmm::kvm::{Action, ExitHandler, MemoryViolation, Vcpu, Vm, VmOptions};
 use guestmm::memfile::{MemoryFile, MemoryFileOptions};
 use guestmm::mm::{IoOpts, MapOpts};
 use guestmm::vmm::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
 use guestmm::vmm::guests;
 use guestmm::vmm::hypercall::{self, Hypercall};
 use guestmm::Perms;
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::Kvm;
 
 /// The VMM's side: the guest's console and exit hypercalls.
 #[derive(Default)]
@@ -23,9 +23,9 @@ struct Console {
 }
 
 impl ExitHandler for Console {
-    fn io_out(&mut self, vcpu: &mut VcpuFd, _index: u32, port: u16, data: &[u8]) -> Action {
+    fn io_out(&mut self, vcpu: &Vcpu, port: u16, data: &[u8]) -> Action {
         let regs = if hypercall::needs_regs(port) {
-            vcpu.get_regs().unwrap_or_default()
+            vcpu.fd().get_regs().unwrap_or_default()
         } else {
             Default::default()
         };
@@ -44,7 +44,7 @@ impl ExitHandler for Console {
         Action::Continue
     }
 
-    fn violation(&mut self, v: &MemoryViolation) -> Action {
+    fn violation(&mut self, _vcpu: &Vcpu, v: &MemoryViolation) -> Action {
         eprintln!("guest touched memory it may not: {v}");
         Action::Stop
     }
@@ -82,9 +82,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 4. One vCPU in 64-bit user mode, run until the guest exits.
     let mut vcpu = vm.create_vcpu(0)?;
-    layout.setup_vcpu(&vcpu, &kvm, 0, &EntryArgs::default())?;
+    layout.setup_vcpu(vcpu.fd(), &kvm, 0, &EntryArgs::default())?;
     let mut console = Console::default();
-    vm.run_vcpu(&mut vcpu, 0, &mut console)?;
+    vcpu.run_with(&mut console)?;
 
     // 5. What happened.
     let stats = vm.stats();

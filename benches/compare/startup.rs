@@ -4,13 +4,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guestmm::kvm::{Action, ExitHandler, Vm, VmOptions};
+use guestmm::kvm::{Action, ExitHandler, Vcpu, Vm, VmOptions};
 use guestmm::memfile::{MemoryFile, MemoryFileOptions};
 use guestmm::mm::{IoOpts, MapOpts};
 use guestmm::vmm::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
 use guestmm::vmm::guests;
 use guestmm::Perms;
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::Kvm;
 
 use crate::common::anon_vm::AnonVm;
 use crate::common::{median, median_ms, Table, Target};
@@ -41,7 +41,7 @@ struct FirstOut {
 }
 
 impl ExitHandler for FirstOut {
-    fn io_out(&mut self, _: &mut VcpuFd, _: u32, _: u16, _: &[u8]) -> Action {
+    fn io_out(&mut self, _: &Vcpu, _: u16, _: &[u8]) -> Action {
         self.at = Some(self.t0.elapsed());
         Action::Stop
     }
@@ -78,12 +78,12 @@ fn guestmm_startup(kvm: &Kvm, ram: u64, eager: bool) -> Duration {
         map = map.precommit();
     }
     space.map(map).expect("map ram");
-    let mut fd = vm.create_vcpu(0).expect("vcpu");
+    let mut vcpu = vm.create_vcpu(0).expect("vcpu");
     layout
-        .setup_vcpu(&fd, kvm, 0, &EntryArgs::default())
+        .setup_vcpu(vcpu.fd(), kvm, 0, &EntryArgs::default())
         .expect("setup_vcpu");
     let mut h = FirstOut { t0, at: None };
-    vm.run_vcpu(&mut fd, 0, &mut h).expect("run");
+    vcpu.run_with(&mut h).expect("run");
     let at = h.at.expect("hello made a hypercall");
     space.unmap(0, space.options().size).expect("unmap");
     at

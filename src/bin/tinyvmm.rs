@@ -10,7 +10,9 @@
 //!   --max-slots N            memslot cap
 //!   --lazy-merge N           extend runs with new slots below N live slots
 //!                            (MergePolicy::Lazy), merge runs at N
-//!   --memfile-max-mib N      guest memory cap
+//!   --memfile-max-mib N      guest memory cap (an even number of MiB)
+//!   --timeout-s N            stop the guest after N seconds (default 120) and
+//!                            report where each vCPU was
 //!   --stats                  print maps() and counters after each guest
 //!   --json                   one JSON object per guest instead of the summary line
 //!   --list                   list the guests
@@ -33,6 +35,7 @@ struct Args {
 
 const USAGE: &str = "usage: tinyvmm [--ram-mib N] [--vcpus N] [--fault-around-kib N] \
 [--fault-around-max-kib N] [--eager] [--max-slots N] [--lazy-merge N] [--memfile-max-mib N] \
+[--timeout-s N] \
 [--stats] [--json] [--list] [-v|-vv] [GUEST|all]...";
 
 fn parse() -> Result<Args, String> {
@@ -60,7 +63,16 @@ fn parse() -> Result<Args, String> {
                     max_slots: num(&mut it, &arg)? as usize,
                 }
             }
-            "--memfile-max-mib" => a.opts.memfile_max = Some(num(&mut it, &arg)? << 20),
+            "--memfile-max-mib" => {
+                let mib = num(&mut it, &arg)?;
+                if mib == 0 || mib % 2 != 0 {
+                    return Err(format!(
+                        "--memfile-max-mib {mib}: must be a non-zero multiple of 2 (MiB)"
+                    ));
+                }
+                a.opts.memfile_max = Some(mib << 20)
+            }
+            "--timeout-s" => a.opts.timeout = std::time::Duration::from_secs(num(&mut it, &arg)?),
             "--stats" => a.stats = true,
             "--json" => a.json = true,
             "-v" | "--verbose" | "-vv" => {

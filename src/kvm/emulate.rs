@@ -6,18 +6,17 @@
 //! and cannot walk a guest page table in one. Such an access comes back as
 //! `KVM_EXIT_INTERNAL_ERROR` (emulation failure) with RIP at the instruction
 //! or, on hosts that turn the failure into an exception an IDT-less guest
-//! cannot deliver, as `KVM_EXIT_SHUTDOWN`. Both take this path:
+//! cannot deliver, as `KVM_EXIT_SHUTDOWN`; a `KVM_RUN` with no memslot at
+//! all fails with `ENOSPC` on PVM hosts. All take this path:
 //!
 //! ```text
 //! regs, sregs ─► walk(RIP page[s], execute)        software walker, tables read
 //!                                                   through read_with (populates them)
-//!             ─► read ≤ 15 bytes ─► iced-x86 decode ─► used memory operands
-//!             ─► linear address (base + index*scale + disp + FS/GS base, RIP-relative)
-//!             ─► walk every page each operand touches, with its access
-//!             ─► handle_fault(every table, code and operand page)
-//!   something newly installed ─► re-run
-//!   nothing new               ─► Shutdown: a real triple fault (handler)
-//!                                 InternalError: one retry, then NoProgress
+//!             ─► read ≤ 15 bytes ─► iced-x86 decode ─► memory the instruction touches
+//!                (kvm::operands: sizes XSAVE areas, masks, VSIB elements)
+//!             ─► walk every page it touches, with its access
+//!             ─► handle_fault(every table, code and operand page not installed)
+//!             ─► kvm::retry: re-run, reset the MMU context, or give up
 //!   not mapped by the guest's tables / outside every vma ─► violation
 //! ```
 //!
@@ -39,122 +38,29 @@
 //!
 //! MMIO exits are resolved in [`super::vcpu`] and never come here.
 //!
-//! Not modelled: VSIB (gather/scatter) operands, whose addresses need vector
-//! registers; 32-bit and PAE paging (KVM's `KVM_TRANSLATE` is used there).
+//! Not modelled: 32-bit and PAE paging (KVM's `KVM_TRANSLATE` is used
+//! there).
 
-use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, OpAccess, Register};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Register};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 
-use super::exits::{FailedInstruction, MemOperand, MemoryViolation, ViolationKind};
+#[cfg(test)]
+use super::exits::MemOperand;
+use super::exits::{FailedInstruction, MemoryViolation, ViolationKind};
+use super::operands::{self, CpuState, VectorRegs};
+use super::retry::{ExitForm, Instance, Resolution, RetryState, Verdict};
 use super::vm::{Vm, VmError};
-use super::walk::{walk, PagingMode, WalkError};
+use super::walk::{walk, PagingMode, WalkError, PTE_ADDR_MASK};
 use crate::mm::{IoOpts, MmError};
 use crate::perms::Access;
 use crate::range::{page_round_down, PAGE_SIZE};
 
 /// Longest x86 instruction.
 const MAX_INSN_LEN: usize = 15;
-/// Most pages one operand may make us walk (an XSAVE area is a few KiB).
+/// Most pages one operand may make us walk (an XSAVE area with AVX-512 and
+/// AMX state is about 11 KiB).
 const MAX_OPERAND_PAGES: u64 = 4;
-/// Most consecutive failures of one instruction before it is reported,
-/// even if each populated something (a guard against livelock).
-const MAX_ATTEMPTS_PER_RIP: u32 = 8;
-
-/// How the failure reached the VMM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ExitForm {
-    /// `KVM_EXIT_INTERNAL_ERROR`.
-    InternalError,
-    /// `KVM_EXIT_SHUTDOWN`.
-    Shutdown,
-}
-
-/// What resolving one failure found.
-#[derive(Debug)]
-pub(crate) enum Resolution {
-    /// At least one page the instruction needs was newly installed.
-    Populated,
-    /// Everything the instruction needs was already installed.
-    NothingNew(FailedInstruction),
-    /// The instruction needs memory the guest may not have.
-    Violation(MemoryViolation),
-}
-
-/// What the run loop does after a failure.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Run the vCPU again.
-    Rerun,
-    /// A real triple fault: the handler's `shutdown`.
-    TripleFault,
-    /// Report and stop.
-    Violation(MemoryViolation),
-}
-
-/// Per-vCPU bound on retries: an instruction that fails again with nothing
-/// newly populated is reported, never retried forever.
-#[derive(Debug, Default)]
-pub(crate) struct RetryState {
-    last_rip: Option<u64>,
-    same_rip: u32,
-    fruitless: u32,
-}
-
-impl RetryState {
-    /// Decides what follows a failure at `rip` resolved as `resolution`.
-    ///
-    /// - `Populated` re-runs, unless the same RIP failed
-    ///   [`MAX_ATTEMPTS_PER_RIP`] times in a row;
-    /// - `NothingNew` is a triple fault for `Shutdown`; for `InternalError`
-    ///   it re-runs once (a transient: another vCPU replacing a slot), and
-    ///   is reported as `NoProgress` when the previous failure was at the
-    ///   same RIP or was fruitless too.
-    pub(crate) fn after(
-        &mut self,
-        form: ExitForm,
-        rip: u64,
-        index: u32,
-        resolution: Resolution,
-    ) -> Verdict {
-        let same = self.last_rip == Some(rip);
-        self.same_rip = if same { self.same_rip + 1 } else { 1 };
-        self.last_rip = Some(rip);
-        match resolution {
-            Resolution::Violation(v) => Verdict::Violation(v),
-            Resolution::Populated if self.same_rip < MAX_ATTEMPTS_PER_RIP => {
-                self.fruitless = 0;
-                Verdict::Rerun
-            }
-            Resolution::Populated => Verdict::Violation(no_progress(rip, index, None)),
-            Resolution::NothingNew(_) if form == ExitForm::Shutdown => {
-                *self = RetryState::default();
-                Verdict::TripleFault
-            }
-            Resolution::NothingNew(insn) => {
-                self.fruitless += 1;
-                if same || self.fruitless >= 2 {
-                    Verdict::Violation(no_progress(rip, index, Some(insn)))
-                } else {
-                    Verdict::Rerun
-                }
-            }
-        }
-    }
-}
-
-fn no_progress(rip: u64, index: u32, insn: Option<FailedInstruction>) -> MemoryViolation {
-    MemoryViolation {
-        gpa: 0,
-        access: insn
-            .and_then(|i| i.operand)
-            .map_or(Access::Execute, |o| o.access),
-        vcpu: index,
-        kind: ViolationKind::NoProgress,
-        rip: Some(rip),
-        instruction: insn,
-    }
-}
 
 /// Why a linear address could not be resolved to an installable GPA.
 enum Refusal {
@@ -168,6 +74,16 @@ impl From<VmError> for Refusal {
     }
 }
 
+/// A page the instruction needs.
+#[derive(Debug, Clone, Copy)]
+struct Needed {
+    page: u64,
+    access: Access,
+    /// False for pages the instruction may not touch (see
+    /// [`operands::Touch::required`]): populated if allowed, never reported.
+    required: bool,
+}
+
 /// One failure being resolved: the vCPU's state and what it needs.
 struct Failure<'a> {
     vm: &'a Vm,
@@ -177,29 +93,99 @@ struct Failure<'a> {
     sregs: kvm_sregs,
     mode: Option<PagingMode>,
     long64: bool,
-    /// Pages to fault in: (page GPA, access), a write superseding a read.
-    needed: Vec<(u64, Access)>,
+    needed: Vec<Needed>,
+    /// A digest of the linear addresses the instruction touches.
+    digest: u64,
     insn: FailedInstruction,
 }
 
-fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { op, source }
 }
 
 impl Vm {
-    /// Resolves an emulation failure of vCPU `index` (see the module docs).
+    /// Resolves an emulation failure of vCPU `index` (see the module docs);
+    /// `slots_changed` if memslots changed while the failing `KVM_RUN` ran.
     pub(crate) fn resolve_emulation_failure(
         &self,
         vcpu: &VcpuFd,
         index: u32,
         form: ExitForm,
+        slots_changed: bool,
         retry: &mut RetryState,
     ) -> Result<Verdict, VmError> {
+        let mut f = Failure::new(self, vcpu, index)?;
+        let resolution = f.resolve()?;
+        log::debug!(
+            "vcpu {index}: {form:?} at rip {:#x} insn {:02x?} operand {}: {}{}",
+            f.regs.rip,
+            f.insn.bytes(),
+            f.insn.operand.map_or("none".to_string(), |o| format!(
+                "{} {} bytes at gva {:#x}",
+                o.access, o.size, o.gva
+            )),
+            match &resolution {
+                Resolution::Populated { .. } => "populated".to_string(),
+                Resolution::NothingNew => "nothing new".to_string(),
+                Resolution::Violation(v) => v.to_string(),
+            },
+            if slots_changed {
+                " (slots changed)"
+            } else {
+                ""
+            },
+        );
+        let instance = Instance {
+            rip: f.regs.rip,
+            cr3: f.sregs.cr3,
+            operands: f.digest,
+        };
+        let verdict = retry.after(form, instance, f.insn, index, resolution, slots_changed);
+        if verdict == Verdict::ResetMmuAndRerun {
+            reset_mmu_context(vcpu, &f.sregs)?;
+        }
+        Ok(verdict)
+    }
+
+    /// Populates what the instruction at vCPU `index`'s RIP needs, as for an
+    /// emulation failure: for a vCPU the watchdog found inside `KVM_RUN`
+    /// too long (KVM's emulator hangs on a few instructions whose operand
+    /// has no slot, such as `sgdt` at CPL3). Returns what it found.
+    pub(crate) fn populate_for_current_instruction(
+        &self,
+        vcpu: &VcpuFd,
+        index: u32,
+    ) -> Result<Resolution, VmError> {
+        Failure::new(self, vcpu, index)?.resolve()
+    }
+}
+
+/// Makes KVM rebuild the vCPU's MMU context: one `KVM_SET_SREGS` with paging
+/// off, then the real registers. On PVM hosts a vCPU whose CR3 page had no
+/// slot stays shut down after the page is back until this is done.
+pub(crate) fn reset_mmu_context(vcpu: &VcpuFd, sregs: &kvm_sregs) -> Result<(), VmError> {
+    const CR0_PG: u64 = 1 << 31;
+    const CR4_PCIDE: u64 = 1 << 17;
+    const EFER_LMA: u64 = 1 << 10;
+    let mut flat = *sregs;
+    flat.cr0 &= !CR0_PG;
+    flat.cr4 &= !CR4_PCIDE;
+    flat.efer &= !EFER_LMA;
+    // KVM refuses a 64-bit code segment outside long mode.
+    flat.cs.l = 0;
+    vcpu.set_sregs(&flat).map_err(kvm("KVM_SET_SREGS"))?;
+    vcpu.set_sregs(sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    log::debug!("reset the MMU context (cr3 {:#x})", sregs.cr3);
+    Ok(())
+}
+
+impl<'a> Failure<'a> {
+    fn new(vm: &'a Vm, vcpu: &'a VcpuFd, index: u32) -> Result<Failure<'a>, VmError> {
         let regs = vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
         let sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
         let mode = PagingMode::from_sregs(&sregs);
-        let mut f = Failure {
-            vm: self,
+        Ok(Failure {
+            vm,
             vcpu,
             index,
             mode,
@@ -207,49 +193,38 @@ impl Vm {
             regs,
             sregs,
             needed: Vec::new(),
+            digest: 0,
             insn: FailedInstruction {
                 bytes: [0; MAX_INSN_LEN],
                 len: 0,
                 decoded: false,
                 operand: None,
             },
-        };
-        let resolution = match f.collect() {
-            Ok(()) => f.fault_in()?,
-            Err(Refusal::Violation(v)) => Resolution::Violation(v),
-            Err(Refusal::Host(e)) => return Err(e),
-        };
-        log::debug!(
-            "vcpu {index}: {form:?} at rip {:#x} insn {:02x?} operand {}: {}",
-            regs.rip,
-            f.insn.bytes(),
-            f.insn.operand.map_or("none".to_string(), |o| format!(
-                "{} {} bytes at gva {:#x}",
-                o.access, o.size, o.gva
-            )),
-            match &resolution {
-                Resolution::Populated => "populated".to_string(),
-                Resolution::NothingNew(_) => "nothing new".to_string(),
-                Resolution::Violation(v) => v.to_string(),
-            }
-        );
-        Ok(retry.after(form, regs.rip, index, resolution))
+        })
     }
-}
 
-impl Failure<'_> {
+    /// Finds and faults in what the instruction needs.
+    fn resolve(&mut self) -> Result<Resolution, VmError> {
+        match self.collect() {
+            Ok(()) => self.fault_in(),
+            Err(Refusal::Violation(v)) => Ok(Resolution::Violation(v)),
+            Err(Refusal::Host(e)) => Err(e),
+        }
+    }
+
     /// Finds every page the instruction needs (into `needed`).
     fn collect(&mut self) -> Result<(), Refusal> {
         let rip = self.linear(Register::CS, self.regs.rip);
         // The instruction's bytes: what its first page holds (at most 15);
         // the next page only if the decoder needs more.
         let first_len = ((page_round_down(rip) + PAGE_SIZE - rip) as usize).min(MAX_INSN_LEN);
-        let gpa = self.translate(rip, Access::Execute, None)?;
+        let gpa = self.translate(rip, Access::Execute, true)?;
         self.read(gpa, 0, first_len)?;
         self.insn.len = first_len as u8;
         let mut instr = self.decode(first_len);
         if instr.is_none() && first_len < MAX_INSN_LEN {
-            let gpa = self.translate(rip.wrapping_add(first_len as u64), Access::Execute, None)?;
+            let next = rip.wrapping_add(first_len as u64);
+            let gpa = self.translate(next, Access::Execute, true)?;
             self.read(gpa, first_len, MAX_INSN_LEN)?;
             self.insn.len = MAX_INSN_LEN as u8;
             instr = self.decode(MAX_INSN_LEN);
@@ -259,9 +234,11 @@ impl Failure<'_> {
         self.insn.decoded = true;
         self.insn.len = instr.len() as u8;
 
-        let operands = memory_operands(&instr, &self.regs, &self.sregs, self.long64);
-        self.insn.operand = operands.first().copied();
-        for op in operands {
+        let touches = self.touches(&instr)?;
+        self.insn.operand = touches.first().map(|t| t.op);
+        for t in touches {
+            let op = t.op;
+            self.digest = self.digest.rotate_left(17) ^ op.gva ^ u64::from(op.size);
             let last = op.gva.wrapping_add(u64::from(op.size) - 1);
             let pages = (page_round_down(last).wrapping_sub(page_round_down(op.gva)) / PAGE_SIZE)
                 .min(MAX_OPERAND_PAGES - 1);
@@ -271,25 +248,72 @@ impl Failure<'_> {
                 } else {
                     page_round_down(op.gva).wrapping_add(i * PAGE_SIZE)
                 };
-                self.translate(gva, op.access, Some(op))?;
+                match self.translate(gva, op.access, t.required) {
+                    Ok(_) => {}
+                    Err(Refusal::Violation(mut v)) if t.required => {
+                        if let Some(insn) = v.instruction.as_mut() {
+                            insn.operand = Some(op);
+                        }
+                        return Err(Refusal::Violation(v));
+                    }
+                    Err(Refusal::Violation(_)) => {}
+                    Err(host) => return Err(host),
+                }
             }
         }
         Ok(())
     }
 
-    /// Faults in every needed page not installed (for its access) yet;
-    /// `Populated` if there was one.
+    /// The memory `instr` touches, reading the vector, mask and XCR0 state
+    /// only when the instruction needs it.
+    fn touches(&self, instr: &Instruction) -> Result<Vec<operands::Touch>, Refusal> {
+        let vectors = if operands::need_vectors(instr) {
+            let xsave = self.vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?;
+            Some(VectorRegs::from_xsave(&xsave))
+        } else {
+            None
+        };
+        let xcr0 = if operands::is_xsave_family(instr) {
+            let xcrs = self.vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?;
+            xcrs.xcrs[..(xcrs.nr_xcrs as usize).min(xcrs.xcrs.len())]
+                .iter()
+                .find(|x| x.xcr == 0)
+                .map_or(0b11, |x| x.value)
+        } else {
+            0
+        };
+        let cpu = CpuState {
+            regs: &self.regs,
+            sregs: &self.sregs,
+            long64: self.long64,
+            vectors: vectors.as_ref(),
+            xcr0,
+        };
+        Ok(operands::memory_accesses(instr, &cpu))
+    }
+
+    /// Faults in every needed page not installed (for its access) yet.
     fn fault_in(&mut self) -> Result<Resolution, VmError> {
         let mut new = false;
-        for &(gpa, access) in &self.needed {
-            let installed = match self.vm.slots().slot_at(gpa) {
+        let mut cr3_root = false;
+        let root = self.sregs.cr3 & PTE_ADDR_MASK;
+        for &Needed {
+            page,
+            access,
+            required,
+        } in &self.needed
+        {
+            let installed = match self.vm.slots().slot_at(page) {
                 Some(writable) => writable || access != Access::Write,
                 None => false,
             };
             if installed {
                 continue;
             }
-            if let Err(e) = self.vm.space().handle_fault(gpa, access) {
+            if let Err(e) = self.vm.space().handle_fault(page, access) {
+                if !required && e.is_guest_violation() {
+                    continue;
+                }
                 return match MemoryViolation::from_fault(&e, self.index) {
                     Some(v) => Ok(Resolution::Violation(self.decorate(v))),
                     None => Err(VmError::Fault {
@@ -299,11 +323,12 @@ impl Failure<'_> {
                 };
             }
             new = true;
+            cr3_root |= self.mode.is_some() && page == root;
         }
         Ok(if new {
-            Resolution::Populated
+            Resolution::Populated { cr3_root }
         } else {
-            Resolution::NothingNew(self.insn)
+            Resolution::NothingNew
         })
     }
 
@@ -333,12 +358,20 @@ impl Failure<'_> {
         v
     }
 
-    fn need(&mut self, gpa: u64, access: Access) {
+    fn need(&mut self, gpa: u64, access: Access, required: bool) {
         let page = page_round_down(gpa);
-        match self.needed.iter_mut().find(|(p, _)| *p == page) {
-            Some((_, a)) if access == Access::Write => *a = Access::Write,
-            Some(_) => {}
-            None => self.needed.push((page, access)),
+        match self.needed.iter_mut().find(|n| n.page == page) {
+            Some(n) => {
+                if access == Access::Write {
+                    n.access = Access::Write;
+                }
+                n.required |= required;
+            }
+            None => self.needed.push(Needed {
+                page,
+                access,
+                required,
+            }),
         }
     }
 
@@ -353,7 +386,14 @@ impl Failure<'_> {
 
     /// The linear address of `offset` in segment `seg`.
     fn linear(&self, seg: Register, offset: u64) -> u64 {
-        let base = register(&self.regs, &self.sregs, self.long64, seg).unwrap_or(0);
+        let cpu = CpuState {
+            regs: &self.regs,
+            sregs: &self.sregs,
+            long64: self.long64,
+            vectors: None,
+            xcr0: 0,
+        };
+        let base = operands::register(&cpu, seg, 0, 0).unwrap_or(0);
         let la = base.wrapping_add(offset);
         if self.long64 {
             la
@@ -364,14 +404,9 @@ impl Failure<'_> {
 
     /// Translates linear address `gva` for `access`, recording the table
     /// pages read and the target page in `needed`.
-    fn translate(
-        &mut self,
-        gva: u64,
-        access: Access,
-        operand: Option<MemOperand>,
-    ) -> Result<u64, Refusal> {
+    fn translate(&mut self, gva: u64, access: Access, required: bool) -> Result<u64, Refusal> {
         let Some(mode) = self.mode else {
-            return self.translate_by_kvm(gva, access, operand);
+            return self.translate_by_kvm(gva, access, required);
         };
         let space = self.vm.space().clone();
         let mut tables = Vec::new();
@@ -388,11 +423,11 @@ impl Failure<'_> {
         );
         // The hardware walks these too: they need slots.
         for t in tables {
-            self.need(t, Access::Read);
+            self.need(t, Access::Read, required);
         }
         let (gpa, kind) = match r {
             Ok(t) => {
-                self.need(t.gpa, access);
+                self.need(t.gpa, access, required);
                 return Ok(t.gpa);
             }
             Err(WalkError::NonCanonical { gva }) => (0, ViolationKind::NonCanonical { gva }),
@@ -406,7 +441,6 @@ impl Failure<'_> {
                 return Err(self.mm_refusal(source, entry, Access::Read))
             }
         };
-        self.insn.operand = operand.or(self.insn.operand);
         Err(Refusal::Violation(self.decorate(MemoryViolation {
             gpa,
             access,
@@ -422,7 +456,7 @@ impl Failure<'_> {
         &mut self,
         gva: u64,
         access: Access,
-        operand: Option<MemOperand>,
+        required: bool,
     ) -> Result<u64, Refusal> {
         const CR0_PG: u64 = 1 << 31;
         let gpa = if self.sregs.cr0 & CR0_PG == 0 {
@@ -430,7 +464,6 @@ impl Failure<'_> {
         } else {
             let t = self.vcpu.translate_gva(gva).map_err(kvm("KVM_TRANSLATE"))?;
             if t.valid == 0 {
-                self.insn.operand = operand.or(self.insn.operand);
                 return Err(Refusal::Violation(self.decorate(MemoryViolation {
                     gpa: 0,
                     access,
@@ -442,14 +475,18 @@ impl Failure<'_> {
             }
             t.physical_address
         };
-        self.need(gpa, access);
+        self.need(gpa, access, required);
         Ok(gpa)
     }
 
     /// A host-side read of guest memory failed at `gpa`.
     fn mm_refusal(&self, e: MmError, gpa: u64, access: Access) -> Refusal {
         let kind = match e {
-            MmError::NotMapped { .. } => ViolationKind::Unmapped,
+            // A table or code address outside every vma or beyond the
+            // address space (a guest-chosen CR3, say): the guest's error.
+            MmError::NotMapped { .. } | MmError::OutOfSpace { .. } | MmError::Range(_) => {
+                ViolationKind::Unmapped
+            }
             MmError::Permission { allowed, .. } => ViolationKind::Permission { allowed },
             MmError::Fault(f) => match MemoryViolation::from_fault(&f, self.index) {
                 Some(v) => return Refusal::Violation(self.decorate(v)),
@@ -478,76 +515,26 @@ impl Failure<'_> {
     }
 }
 
-/// The memory operands `instr` reads or writes, with their linear
-/// addresses under `regs`/`sregs` (VSIB operands and `lea`-like operands
-/// that access nothing are left out).
+/// The memory operands `instr` touches under `regs`/`sregs`, without vector
+/// state (masked and VSIB accesses count whole): for tests.
+#[cfg(test)]
 fn memory_operands(
     instr: &Instruction,
     regs: &kvm_regs,
     sregs: &kvm_sregs,
     long64: bool,
 ) -> Vec<MemOperand> {
-    let mut factory = InstructionInfoFactory::new();
-    factory
-        .info(instr)
-        .used_memory()
-        .iter()
-        .filter(|m| m.vsib_size() == 0)
-        .filter_map(|m| {
-            let access = match m.access() {
-                OpAccess::Read | OpAccess::CondRead => Access::Read,
-                OpAccess::Write
-                | OpAccess::CondWrite
-                | OpAccess::ReadWrite
-                | OpAccess::ReadCondWrite => Access::Write,
-                _ => return None,
-            };
-            let size = m.memory_size().size() as u32;
-            let gva = m.virtual_address(0, |reg, _, _| register(regs, sregs, long64, reg))?;
-            (size > 0).then_some(MemOperand { gva, size, access })
-        })
-        .collect()
-}
-
-/// The value of `reg` (a segment register's base), for addressing.
-fn register(r: &kvm_regs, s: &kvm_sregs, long64: bool, reg: Register) -> Option<u64> {
-    if reg.is_segment_register() {
-        return Some(match reg {
-            Register::FS => s.fs.base,
-            Register::GS => s.gs.base,
-            _ if long64 => 0,
-            Register::ES => s.es.base,
-            Register::CS => s.cs.base,
-            Register::SS => s.ss.base,
-            _ => s.ds.base,
-        });
-    }
-    let full = match reg.full_register() {
-        Register::RAX => r.rax,
-        Register::RCX => r.rcx,
-        Register::RDX => r.rdx,
-        Register::RBX => r.rbx,
-        Register::RSP => r.rsp,
-        Register::RBP => r.rbp,
-        Register::RSI => r.rsi,
-        Register::RDI => r.rdi,
-        Register::R8 => r.r8,
-        Register::R9 => r.r9,
-        Register::R10 => r.r10,
-        Register::R11 => r.r11,
-        Register::R12 => r.r12,
-        Register::R13 => r.r13,
-        Register::R14 => r.r14,
-        Register::R15 => r.r15,
-        Register::RIP => r.rip,
-        _ => return None,
+    let cpu = CpuState {
+        regs,
+        sregs,
+        long64,
+        vectors: None,
+        xcr0: 0,
     };
-    Some(match reg.size() {
-        8 => full,
-        4 => full & 0xffff_ffff,
-        2 => full & 0xffff,
-        _ => return None,
-    })
+    operands::memory_accesses(instr, &cpu)
+        .into_iter()
+        .map(|t| t.op)
+        .collect()
 }
 
 #[cfg(test)]

@@ -71,9 +71,6 @@ pub enum ViolationKind {
     },
     /// The mapped object has no page there (beyond its end).
     Bus,
-    /// An instruction kept failing at the same address with nothing left to
-    /// populate.
-    NoProgress,
     /// The guest's own page tables do not map `gva`: the entry at level
     /// `level` (5 = PML5 … 1 = PT) is not present. The violation's `gpa` is
     /// that entry's address.
@@ -103,7 +100,6 @@ impl std::fmt::Display for ViolationKind {
             ViolationKind::Unmapped => f.write_str("no mapping there"),
             ViolationKind::Permission { allowed } => write!(f, "protection {allowed}"),
             ViolationKind::Bus => f.write_str("beyond the mapped object"),
-            ViolationKind::NoProgress => f.write_str("no progress"),
             ViolationKind::NotInGuestPageTables { gva, level } => write!(
                 f,
                 "gva {gva:#x} not in the guest page tables (level {level} not present)"
@@ -222,6 +218,50 @@ impl std::fmt::Display for MemoryViolation {
         Ok(())
     }
 }
+
+impl std::error::Error for MemoryViolation {}
+
+/// An instruction KVM could not complete and guestmm could not get past
+/// (see [`super::emulate`]): handed to the VMM, which may inject an
+/// exception into the guest and run it again, or stop it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmulationFailure {
+    /// Index of the vCPU.
+    pub vcpu: u32,
+    /// The guest's instruction pointer.
+    pub rip: u64,
+    /// The instruction, as far as it could be read.
+    pub instruction: FailedInstruction,
+    /// Attempts at this instruction (see [`super::emulate`]'s retry rules).
+    pub attempts: u32,
+    /// The refused access that stops it, or `None`: everything it needs is
+    /// installed and KVM still cannot run it (an instruction KVM's emulator
+    /// does not implement, reached where the host emulates guest code, such
+    /// as `int3` at CPL0 on PVM hosts).
+    pub violation: Option<MemoryViolation>,
+}
+
+impl std::fmt::Display for EmulationFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.violation {
+            Some(v) => write!(f, "{v}"),
+            None => {
+                write!(
+                    f,
+                    "vcpu {}: KVM cannot run the instruction at rip {:#x} after {} attempt(s), with everything it needs installed",
+                    self.vcpu, self.rip, self.attempts
+                )?;
+                write!(f, " insn [")?;
+                for (i, b) in self.instruction.bytes().iter().enumerate() {
+                    write!(f, "{}{b:02x}", if i == 0 { "" } else { " " })?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
+impl std::error::Error for EmulationFailure {}
 
 #[cfg(test)]
 mod tests {

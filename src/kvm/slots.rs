@@ -22,6 +22,21 @@
 //! reached. Under it, slots tile what is installed (each with one
 //! writability) without having to be maximal.
 //!
+//! # No gaps
+//!
+//! KVM cannot resize a slot, so a merge, a split or a change of writability
+//! deletes slots and adds others; between the two ioctls the memory they
+//! cover is installed but has no slot. A plan whose deletes and adds overlap
+//! therefore runs with the VM's run gate closed ([`super::gate`]): every
+//! vCPU is out of `KVM_RUN` until the new slots are in, so no vCPU ever
+//! observes installed memory without a slot. A plan that only adds, or only
+//! deletes what is removed for good, needs no pause.
+//!
+//! Every change also bumps a generation counter
+//! ([`SlotTable::generation`]): the emulation path compares it across a
+//! `KVM_RUN` to tell a transient (memory changed while the vCPU ran) from
+//! a failure.
+//!
 //! Every change is planned before anything is touched: an install that would
 //! need more slots than the limit fails with [`BackendError::OutOfSlots`] and
 //! changes nothing. `remove` and `write_protect` never fail for lack of
@@ -38,6 +53,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 
+use super::gate::RunGate;
 use super::sys::Reservation;
 use crate::mm::backend::{AddressSpaceBackend, BackendError, Installed};
 use crate::range::{GuestRange, Range};
@@ -115,12 +131,29 @@ struct Plan {
     add: Vec<(GuestRange, bool)>,
 }
 
+impl Plan {
+    /// True if some memory is covered by a deleted slot and by an added
+    /// one: it would be without a slot between the two.
+    fn opens_a_gap(&self) -> bool {
+        self.delete
+            .iter()
+            .any(|(d, _)| self.add.iter().any(|(a, _)| a.overlaps(*d)))
+    }
+}
+
 /// The KVM backend: memslots over a host reservation. See the module docs.
 pub struct SlotTable {
     vm: Arc<VmFd>,
     reservation: Reservation,
     state: Mutex<SlotState>,
     ioctl_errors: AtomicU64,
+    /// Bumped by every change of what the guest sees.
+    generation: AtomicU64,
+    /// The VM's run gate, closed around changes that would open a gap
+    /// (`None`: no vCPU runs against this table).
+    gate: Option<Arc<RunGate>>,
+    /// Changes that closed the gate.
+    pauses: AtomicU64,
 }
 
 impl std::fmt::Debug for SlotTable {
@@ -146,6 +179,30 @@ impl SlotTable {
         limit: usize,
         policy: MergePolicy,
     ) -> Result<SlotTable, BackendError> {
+        Self::build(vm, size, limit, policy, None)
+    }
+
+    /// A table whose gap-opening changes close `gate` (see the module docs).
+    pub(crate) fn with_gate(
+        vm: Arc<VmFd>,
+        size: u64,
+        limit: usize,
+        policy: MergePolicy,
+        gate: Arc<RunGate>,
+    ) -> Result<SlotTable, BackendError> {
+        Self::build(vm, size, limit, policy, Some(gate))
+    }
+
+    fn build(
+        vm: Arc<VmFd>,
+        size: u64,
+        limit: usize,
+        policy: MergePolicy,
+        gate: Option<Arc<RunGate>>,
+    ) -> Result<SlotTable, BackendError> {
+        if limit == 0 {
+            return Err(BackendError::NoSlots);
+        }
         let reservation = Reservation::new(size).map_err(|source| BackendError::Host {
             op: "mmap(reservation)",
             source,
@@ -163,7 +220,26 @@ impl SlotTable {
                 stats: SlotStats::default(),
             }),
             ioctl_errors: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            gate,
+            pauses: AtomicU64::new(0),
         })
+    }
+
+    /// A counter bumped by every change of what the guest sees (slots added
+    /// or deleted, pages mapped or unmapped under a slot): equal values
+    /// read before and after a `KVM_RUN` mean KVM saw today's memory.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Changes that paused the vCPUs (closed the run gate) to avoid a gap.
+    pub fn pauses(&self) -> u64 {
+        self.pauses.load(Ordering::Relaxed)
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Counters.
@@ -190,9 +266,10 @@ impl SlotTable {
         self.lock().slots.find_segment(gpa).map(|(_, s)| s.writable)
     }
 
-    /// Host virtual address of `gpa` inside the reservation.
-    pub fn host_addr(&self, gpa: u64) -> u64 {
-        self.reservation.host_addr(gpa)
+    /// Host virtual address of `gpa` inside the reservation, or `None` if
+    /// `gpa` lies beyond it.
+    pub fn host_addr(&self, gpa: u64) -> Option<u64> {
+        (gpa < self.reservation.len()).then(|| self.reservation.host_addr(gpa))
     }
 
     /// Checks that slots tile what is installed, each slot over extents
@@ -353,11 +430,23 @@ impl SlotTable {
     }
 
     /// Applies the slot changes of `plan`: deletes first (KVM refuses
-    /// overlapping slots), then adds.
+    /// overlapping slots), then adds; with the vCPUs paused if that would
+    /// leave installed memory without a slot in between.
     ///
     /// # Preconditions
     /// - `st` is the locked state; `plan` fits under the limit.
     fn apply_locked(&self, st: &mut SlotState, plan: Plan) -> Result<(), BackendError> {
+        if plan.delete.is_empty() && plan.add.is_empty() {
+            return Ok(());
+        }
+        self.bump();
+        let _paused = match &self.gate {
+            Some(gate) if plan.opens_a_gap() => {
+                self.pauses.fetch_add(1, Ordering::Relaxed);
+                Some(gate.close())
+            }
+            _ => None,
+        };
         for (r, slot) in plan.delete {
             self.set_region(slot.id, r, slot.writable, true)?;
             st.slots.remove(r.start());
@@ -422,6 +511,7 @@ impl SlotTable {
             plan = Self::plan_locked(st, range, None);
         }
         self.apply_locked(st, plan)?;
+        self.bump();
         st.extents.remove_range(range);
         self.reservation
             .unmap(range.start(), range.len())
@@ -469,6 +559,7 @@ impl AddressSpaceBackend for SlotTable {
                 source,
             })?;
         st.stats.maps += 1;
+        self.bump();
         st.extents.remove_range(range);
         st.extents.insert(range, want).expect("range just cleared");
         self.apply_locked(&mut st, plan)
@@ -509,6 +600,7 @@ impl AddressSpaceBackend for SlotTable {
                 .apply_contiguous(part, |_, e| e.writable = false)
                 .expect("part is installed");
             st.extents.merge_range(part);
+            self.bump();
             self.reservation
                 .protect_read_only(part.start(), part.len())
                 .map_err(|source| BackendError::Host {

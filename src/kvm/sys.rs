@@ -145,3 +145,35 @@ impl Drop for Reservation {
         }
     }
 }
+
+/// The data of the pending port-I/O exit in `run` (`size × count` bytes at
+/// `data_offset` into the mapping).
+///
+/// # Preconditions
+/// - `run.exit_reason` is `KVM_EXIT_IO` (the union holds `io`).
+pub(crate) fn io_data(run: &mut kvm_bindings::kvm_run) -> &mut [u8] {
+    debug_assert_eq!(run.exit_reason, kvm_bindings::KVM_EXIT_IO);
+    // SAFETY: the exit reason (checked by the caller) says the union holds
+    // `io`; all its fields are plain integers.
+    let io = unsafe { run.__bindgen_anon_1.io };
+    let len = usize::from(io.size) * io.count as usize;
+    let start = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
+    // SAFETY: KVM places the data `data_offset` bytes into the kvm_run
+    // mapping, which is at least a page and fully mapped for the vCPU's
+    // life (kvm-ioctls maps KVM_GET_VCPU_MMAP_SIZE bytes); the slice
+    // borrows `run` mutably, so nothing else touches the bytes meanwhile.
+    unsafe { std::slice::from_raw_parts_mut(start.add(io.data_offset as usize), len) }
+}
+
+/// The data of the pending MMIO exit in `run` (at most 8 bytes).
+///
+/// # Preconditions
+/// - `run.exit_reason` is `KVM_EXIT_MMIO` (the union holds `mmio`).
+pub(crate) fn mmio_data(run: &mut kvm_bindings::kvm_run) -> &mut [u8] {
+    debug_assert_eq!(run.exit_reason, kvm_bindings::KVM_EXIT_MMIO);
+    // SAFETY: the exit reason (checked by the caller) says the union holds
+    // `mmio`; all its fields are plain integers and arrays of them.
+    let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+    let len = (mmio.len as usize).min(mmio.data.len());
+    &mut mmio.data[..len]
+}

@@ -1,12 +1,15 @@
 //! `Vm`: a KVM VM whose RAM is a guestmm address space, shown to the guest
-//! through a [`SlotTable`].
+//! through a [`SlotTable`], with the run gate its vCPUs pass through (see
+//! [`super::gate`]): pause, stop, and the watchdog.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::time::Duration;
 
 use kvm_bindings::kvm_enable_cap;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
+use super::gate::{install_kick_handler, Closed, RunGate};
 use super::slots::{MergePolicy, SlotStats, SlotTable};
 use crate::memfile::MemoryFile;
 use crate::mm::{AddressSpace, AddressSpaceOptions, BackendError, FaultError, MmError};
@@ -51,6 +54,66 @@ pub enum VmError {
     /// Building the slot table failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// An option is out of range.
+    #[error("bad VM option {option}: {why}")]
+    BadOption {
+        /// The option.
+        option: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A device range was refused.
+    #[error("device range {range} refused: {why}")]
+    DeviceRange {
+        /// The range.
+        range: GuestRange,
+        /// What it conflicts with.
+        why: String,
+    },
+    /// The kick signal's handler could not be installed.
+    #[error("installing the vCPU kick signal handler (SIGRTMIN+{offset}) failed: {source}")]
+    KickSignal {
+        /// The signal, as an offset from `SIGRTMIN`.
+        offset: i32,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Some vCPUs did not leave `KVM_RUN` when asked (stuck inside KVM).
+    #[error("{stuck} vCPU(s) did not leave KVM_RUN when asked")]
+    VcpusStuck {
+        /// How many.
+        stuck: u32,
+    },
+    /// The VM was stopped, by [`Vm::stop`] or because a vCPU failed.
+    #[error("the VM was stopped: {cause}")]
+    Stopped {
+        /// Why.
+        cause: StopCause,
+    },
+}
+
+/// Why a VM was stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopCause {
+    /// [`Vm::stop`] was called.
+    Requested,
+    /// A vCPU failed with a host error (out of memory or memslots, a KVM
+    /// ioctl): the whole VM stops, so vCPUs waiting for it do not hang.
+    VcpuFailed {
+        /// Index of the vCPU.
+        vcpu: u32,
+        /// Its error.
+        error: String,
+    },
+}
+
+impl std::fmt::Display for StopCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopCause::Requested => f.write_str("stop requested"),
+            StopCause::VcpuFailed { vcpu, error } => write!(f, "vcpu {vcpu} failed: {error}"),
+        }
+    }
 }
 
 /// Opens `/dev/kvm` and checks that it answers as KVM does (API version
@@ -80,6 +143,17 @@ pub struct VmOptions {
     pub max_slots: Option<usize>,
     /// When adjacent installs share a memslot.
     pub slot_merge: MergePolicy,
+    /// The signal that kicks vCPUs out of `KVM_RUN`, as an offset from
+    /// `SIGRTMIN` (default 0). guestmm installs a handler that does
+    /// nothing; vCPU threads must not block it (see [`super::gate`]).
+    pub kick_signal: i32,
+    /// Kick a vCPU that has been inside `KVM_RUN` this long, and populate
+    /// what its current instruction needs: KVM's emulator hangs without
+    /// an exit on a few instructions whose memory operand has no slot
+    /// (`sgdt`/`sidt` at CPL3 on PVM hosts). A busy vCPU costs one exit per
+    /// period. `None` turns it off (a VMM may call [`Vm::kick_overdue`]
+    /// from its own timer instead).
+    pub watchdog: Option<Duration>,
 }
 
 impl Default for VmOptions {
@@ -91,6 +165,8 @@ impl Default for VmOptions {
             },
             max_slots: None,
             slot_merge: MergePolicy::Eager,
+            kick_signal: 0,
+            watchdog: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -104,6 +180,10 @@ pub(crate) struct ExitCounters {
     pub emulation_shutdowns: AtomicU64,
     pub violations: AtomicU64,
     pub device_exits: AtomicU64,
+    pub native_reruns: AtomicU64,
+    pub mmu_resets: AtomicU64,
+    pub watchdog_kicks: AtomicU64,
+    pub watchdog_populated: AtomicU64,
 }
 
 /// A snapshot of a VM's counters.
@@ -122,6 +202,17 @@ pub struct VmStats {
     pub violations: u64,
     /// Exits forwarded to device handlers.
     pub device_exits: u64,
+    /// Instructions KVM's emulator computes wrongly that were rewound and
+    /// re-run natively once their page was installed (see [`super::native`]).
+    pub native_reruns: u64,
+    /// MMU context resets (a shutdown that populating did not cure).
+    pub mmu_resets: u64,
+    /// Watchdog kicks of vCPUs long inside `KVM_RUN`.
+    pub watchdog_kicks: u64,
+    /// Of those, the ones that found something to populate (a hang cured).
+    pub watchdog_populated: u64,
+    /// Memslot changes that paused the vCPUs to avoid a gap.
+    pub slot_pauses: u64,
     /// Memslot counters.
     pub slots: SlotStats,
 }
@@ -136,6 +227,23 @@ pub struct Vm {
     devices: RwLock<Vec<GuestRange>>,
     pub(crate) counters: ExitCounters,
     emulation_failure_exits: bool,
+    pub(crate) gate: Arc<RunGate>,
+    stop_cause: Mutex<Option<StopCause>>,
+    watchdog: Option<Arc<WatchdogControl>>,
+}
+
+/// Tells the watchdog thread to end.
+#[derive(Default)]
+struct WatchdogControl {
+    ended: Mutex<bool>,
+    wake: Condvar,
+}
+
+/// A pause of every vCPU of a [`Vm`] (see [`Vm::pause`]); they resume when
+/// it drops.
+#[must_use = "the vCPUs resume when the pause is dropped"]
+pub struct Paused<'a> {
+    _closed: Closed<'a>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -149,7 +257,29 @@ impl std::fmt::Debug for Vm {
 
 impl Vm {
     /// Creates a VM with an empty address space over `memfile`.
+    ///
+    /// Errors: bad options (`max_slots` of 0, a watchdog period of 0, a kick
+    /// signal beyond `SIGRTMAX`), KVM refusing the VM, or the address space
+    /// options (see [`AddressSpace::new`]).
     pub fn new(kvm: &Kvm, memfile: Arc<MemoryFile>, opts: VmOptions) -> Result<Arc<Vm>, VmError> {
+        if opts.max_slots == Some(0) {
+            return Err(VmError::BadOption {
+                option: "max_slots",
+                why: "0 slots leave no room for guest memory".into(),
+            });
+        }
+        if opts.watchdog == Some(Duration::ZERO) {
+            return Err(VmError::BadOption {
+                option: "watchdog",
+                why: "a period of 0 would kick vCPUs continuously".into(),
+            });
+        }
+        let signal =
+            install_kick_handler(opts.kick_signal).map_err(|source| VmError::KickSignal {
+                offset: opts.kick_signal,
+                source,
+            })?;
+        let gate = Arc::new(RunGate::new(signal));
         let vm_fd = Arc::new(kvm.create_vm().map_err(|source| VmError::Kvm {
             op: "KVM_CREATE_VM",
             source,
@@ -168,21 +298,81 @@ impl Vm {
         }
         let kvm_limit = kvm.get_nr_memslots();
         let limit = opts.max_slots.map_or(kvm_limit, |m| m.min(kvm_limit));
-        let slots = Arc::new(SlotTable::with_policy(
+        let slots = Arc::new(SlotTable::with_gate(
             vm_fd.clone(),
             opts.space.size,
             limit,
             opts.slot_merge,
+            gate.clone(),
         )?);
         let space = AddressSpace::new(memfile, slots.clone(), opts.space)?;
-        Ok(Arc::new(Vm {
+        let watchdog = opts.watchdog.map(|_| Arc::new(WatchdogControl::default()));
+        let vm = Arc::new(Vm {
             vm_fd,
             slots,
             space,
             devices: RwLock::new(Vec::new()),
             counters: ExitCounters::default(),
             emulation_failure_exits,
-        }))
+            gate,
+            stop_cause: Mutex::new(None),
+            watchdog: watchdog.clone(),
+        });
+        if let (Some(period), Some(control)) = (opts.watchdog, watchdog) {
+            spawn_watchdog(Arc::downgrade(&vm), period, control)?;
+        }
+        Ok(vm)
+    }
+
+    /// Pauses every vCPU: returns once none is inside `KVM_RUN`; vCPUs that
+    /// try to enter wait (inside [`Vcpu::run`](super::Vcpu::run)) until the
+    /// returned guard drops. Pauses nest (with each other and with the
+    /// short pauses memslot changes take).
+    ///
+    /// Errors: [`VmError::VcpusStuck`] if a vCPU did not leave `KVM_RUN`
+    /// within 2 s (the pause is then not taken).
+    pub fn pause(&self) -> Result<Paused<'_>, VmError> {
+        let closed = self.gate.close();
+        match closed.stuck() {
+            0 => Ok(Paused { _closed: closed }),
+            stuck => Err(VmError::VcpusStuck { stuck }),
+        }
+    }
+
+    /// Stops the VM: every vCPU leaves `KVM_RUN`, and every
+    /// [`Vcpu::run`](super::Vcpu::run) returns [`Exit::Stopped`](super::Exit::Stopped)
+    /// from now on. Irreversible.
+    pub fn stop(&self) {
+        self.stop_with(StopCause::Requested);
+    }
+
+    /// Stops the VM for `cause` (the first cause is kept).
+    pub(crate) fn stop_with(&self, cause: StopCause) {
+        self.stop_cause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(cause);
+        self.gate.stop();
+    }
+
+    /// Why the VM was stopped, if it was.
+    pub fn stop_cause(&self) -> Option<StopCause> {
+        self.stop_cause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Kicks every vCPU that has been inside `KVM_RUN` longer than
+    /// `threshold` and makes it populate what its current instruction needs
+    /// before it re-enters (what the [`VmOptions::watchdog`] thread does);
+    /// returns how many were kicked.
+    pub fn kick_overdue(&self, threshold: Duration) -> usize {
+        let n = self.gate.kick_overdue(threshold);
+        self.counters
+            .watchdog_kicks
+            .fetch_add(n as u64, Ordering::Relaxed);
+        n
     }
 
     /// The guest-physical address space.
@@ -205,8 +395,10 @@ impl Vm {
         self.emulation_failure_exits
     }
 
-    /// Creates vCPU `id`.
-    pub fn create_vcpu(&self, id: u64) -> Result<VcpuFd, VmError> {
+    /// Creates the KVM vCPU with id `id` (a raw fd, for VMMs that drive it
+    /// themselves; [`Vm::create_vcpu`] gives one that guestmm's run loop,
+    /// kicks and pauses know).
+    pub(crate) fn create_vcpu_fd(&self, id: u64) -> Result<VcpuFd, VmError> {
         self.vm_fd.create_vcpu(id).map_err(|source| VmError::Kvm {
             op: "KVM_CREATE_VCPU",
             source,
@@ -214,13 +406,30 @@ impl Vm {
     }
 
     /// Declares `range` a device range: guest accesses there that no vma
-    /// covers go to the handler's MMIO callbacks instead of being
-    /// violations.
-    pub fn add_device_range(&self, range: GuestRange) {
-        self.devices
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(range);
+    /// covers go to the VMM as MMIO exits instead of being violations.
+    ///
+    /// Errors ([`VmError::DeviceRange`], nothing registered): an empty range,
+    /// one that overlaps another device range, or one that overlaps a vma
+    /// (a vma there would silently win).
+    pub fn add_device_range(&self, range: GuestRange) -> Result<(), VmError> {
+        let refuse = |why: String| Err(VmError::DeviceRange { range, why });
+        if range.is_empty() {
+            return refuse("it is empty".into());
+        }
+        if let Some(vma) = self
+            .space
+            .maps()
+            .into_iter()
+            .find(|m| m.range.overlaps(range))
+        {
+            return refuse(format!("it overlaps the vma at {}", vma.range));
+        }
+        let mut devices = self.devices.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(other) = devices.iter().find(|d| d.overlaps(range)) {
+            return refuse(format!("it overlaps device range {other}"));
+        }
+        devices.push(range);
+        Ok(())
     }
 
     pub(crate) fn is_device(&self, gpa: u64) -> bool {
@@ -242,7 +451,51 @@ impl Vm {
             emulation_shutdowns: load(&c.emulation_shutdowns),
             violations: load(&c.violations),
             device_exits: load(&c.device_exits),
+            native_reruns: load(&c.native_reruns),
+            mmu_resets: load(&c.mmu_resets),
+            watchdog_kicks: load(&c.watchdog_kicks),
+            watchdog_populated: load(&c.watchdog_populated),
+            slot_pauses: self.slots.pauses(),
             slots: self.slots.stats(),
         }
     }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(control) = &self.watchdog {
+            *control.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            control.wake.notify_all();
+        }
+    }
+}
+
+/// Starts the watchdog thread of a VM: every half `period` it kicks the
+/// vCPUs inside `KVM_RUN` for longer than `period`. It ends when the VM
+/// drops.
+fn spawn_watchdog(
+    vm: Weak<Vm>,
+    period: Duration,
+    control: Arc<WatchdogControl>,
+) -> Result<(), VmError> {
+    std::thread::Builder::new()
+        .name("guestmm-watchdog".into())
+        .spawn(move || loop {
+            let ended = control.ended.lock().unwrap_or_else(|e| e.into_inner());
+            let (ended, _) = control
+                .wake
+                .wait_timeout_while(ended, period / 2, |ended| !*ended)
+                .unwrap_or_else(|e| e.into_inner());
+            if *ended {
+                return;
+            }
+            drop(ended);
+            let Some(vm) = vm.upgrade() else { return };
+            vm.kick_overdue(period);
+        })
+        .map(|_| ())
+        .map_err(|source| VmError::BadOption {
+            option: "watchdog",
+            why: format!("cannot start its thread: {source}"),
+        })
 }

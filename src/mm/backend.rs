@@ -34,6 +34,9 @@ pub enum BackendError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A backend was asked to work with a limit of zero memory slots.
+    #[error("a slot limit of 0 leaves no room for guest memory")]
+    NoSlots,
     /// A failure injected by a test backend.
     #[error("injected failure: {0}")]
     Injected(&'static str),

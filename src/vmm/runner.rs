@@ -8,16 +8,17 @@
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::Kvm;
 
 use super::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
 use super::guests::{cow_pattern, Guest};
 use super::hypercall::{self, Hypercall};
 use crate::kvm::{
-    Action, ExitHandler, MemoryViolation, MergePolicy, VcpuStop, Vm, VmOptions, VmStats,
+    Action, EmulationFailure, ExitHandler, MemoryViolation, MergePolicy, Vcpu, VcpuStop, Vm,
+    VmOptions, VmStats,
 };
 use crate::memfile::{MemoryFile, MemoryFileOptions};
 use crate::mm::{AddressSpaceOptions, HostFile, IoOpts, MapOpts, Mappable, MapsEntry, Stats};
@@ -39,15 +40,20 @@ pub struct RunOptions {
     pub eager: bool,
     /// Memslot limit below KVM's.
     pub max_slots: Option<usize>,
-    /// MemoryFile size limit.
+    /// MemoryFile size limit: any multiple of 2 MiB (the memory file's
+    /// chunk size is chosen to divide it).
     pub memfile_max: Option<u64>,
     /// When adjacent RAM installs share a memslot.
     pub slot_merge: MergePolicy,
+    /// How long the guest may run: then every vCPU is stopped and the run
+    /// fails, naming each vCPU's RIP (or that it never left `KVM_RUN`).
+    pub timeout: Duration,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
+            timeout: Duration::from_secs(120),
             ram_size: 64 << 20,
             vcpus: None,
             fault_around: HUGE_PAGE_SIZE,
@@ -149,15 +155,14 @@ struct Shared {
 }
 
 /// The VMM side of the hypercall ABI for one vCPU.
-struct GuestHandler<'a> {
-    vm: &'a Vm,
-    shared: &'a Mutex<Shared>,
+struct GuestHandler {
+    shared: Arc<Mutex<Shared>>,
     start: Instant,
     exit_code: Option<u32>,
-    template: Option<&'a Arc<HostFile>>,
+    template: Option<Arc<HostFile>>,
 }
 
-impl GuestHandler<'_> {
+impl GuestHandler {
     fn fail(&self, what: String) -> Action {
         self.shared
             .lock()
@@ -168,10 +173,11 @@ impl GuestHandler<'_> {
     }
 }
 
-impl ExitHandler for GuestHandler<'_> {
-    fn io_out(&mut self, vcpu: &mut VcpuFd, index: u32, port: u16, data: &[u8]) -> Action {
+impl ExitHandler for GuestHandler {
+    fn io_out(&mut self, vcpu: &Vcpu, port: u16, data: &[u8]) -> Action {
+        let index = vcpu.index();
         let regs = if hypercall::needs_regs(port) {
-            match vcpu.get_regs() {
+            match vcpu.fd().get_regs() {
                 Ok(r) => r,
                 Err(e) => return self.fail(format!("get_regs: {e}")),
             }
@@ -191,7 +197,7 @@ impl ExitHandler for GuestHandler<'_> {
                 return Action::Stop;
             }
             Hypercall::Protect { gpa, len, perms } => {
-                if let Err(e) = self.vm.space().protect(gpa, len, perms) {
+                if let Err(e) = vcpu.vm().space().protect(gpa, len, perms) {
                     shared
                         .errors
                         .push(format!("vcpu {index}: protect {gpa:#x}+{len:#x}: {e}"));
@@ -199,7 +205,7 @@ impl ExitHandler for GuestHandler<'_> {
                 }
             }
             Hypercall::MapTemplate { gpa, len } => {
-                let Some(t) = self.template else {
+                let Some(t) = &self.template else {
                     shared
                         .errors
                         .push(format!("vcpu {index}: MAP_TEMPLATE without a template"));
@@ -208,7 +214,7 @@ impl ExitHandler for GuestHandler<'_> {
                 let opts = MapOpts::object(t.clone() as Arc<dyn Mappable>, 0, len)
                     .fixed_replace(gpa)
                     .name("template");
-                if let Err(e) = self.vm.space().map(opts) {
+                if let Err(e) = vcpu.vm().space().map(opts) {
                     shared
                         .errors
                         .push(format!("vcpu {index}: map template at {gpa:#x}: {e}"));
@@ -217,9 +223,10 @@ impl ExitHandler for GuestHandler<'_> {
             }
             Hypercall::SetCr3 { cr3 } => {
                 drop(shared);
-                let set = vcpu.get_sregs().and_then(|mut s| {
+                let fd = vcpu.fd();
+                let set = fd.get_sregs().and_then(|mut s| {
                     s.cr3 = cr3;
-                    vcpu.set_sregs(&s)
+                    fd.set_sregs(&s)
                 });
                 if let Err(e) = set {
                     return self.fail(format!("vcpu {index}: set cr3: {e}"));
@@ -229,7 +236,7 @@ impl ExitHandler for GuestHandler<'_> {
         Action::Continue
     }
 
-    fn violation(&mut self, v: &MemoryViolation) -> Action {
+    fn violation(&mut self, _vcpu: &Vcpu, v: &MemoryViolation) -> Action {
         log::info!("violation: {v}");
         self.shared
             .lock()
@@ -239,19 +246,34 @@ impl ExitHandler for GuestHandler<'_> {
         Action::Continue
     }
 
-    fn hlt(&mut self, index: u32) -> Action {
-        self.fail(format!("vcpu {index}: hlt"))
+    fn emulation_failure(&mut self, _vcpu: &Vcpu, f: &EmulationFailure) -> Action {
+        log::info!("emulation failure: {f}");
+        if let Some(v) = &f.violation {
+            self.shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .violations
+                .push(v.clone());
+        }
+        Action::Stop
     }
 
-    fn shutdown(&mut self, vcpu: &mut VcpuFd, index: u32) -> Action {
-        let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+    fn hlt(&mut self, vcpu: &Vcpu) -> Action {
+        self.fail(format!("vcpu {}: hlt", vcpu.index()))
+    }
+
+    fn shutdown(&mut self, vcpu: &Vcpu) -> Action {
+        let rip = vcpu.fd().get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
         self.fail(format!(
-            "vcpu {index}: shutdown (triple fault) at rip {rip:#x}"
+            "vcpu {}: shutdown (triple fault) at rip {rip:#x}",
+            vcpu.index()
         ))
     }
 
-    fn unhandled(&mut self, index: u32, what: &str) -> Action {
-        self.fail(format!("vcpu {index}: unexpected exit {what}"))
+    fn unhandled(&mut self, index: u32, reason: u32, _run: &mut kvm_bindings::kvm_run) -> Action {
+        self.fail(format!(
+            "vcpu {index}: unexpected exit (exit_reason {reason})"
+        ))
     }
 }
 
@@ -264,6 +286,10 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
     let mut mf_opts = MemoryFileOptions::default();
     if let Some(max) = opts.memfile_max {
         mf_opts.max_size = max;
+        // The largest chunk (≤ the default) that divides the limit.
+        while mf_opts.chunk_size > HUGE_PAGE_SIZE && max % mf_opts.chunk_size != 0 {
+            mf_opts.chunk_size /= 2;
+        }
     }
     let memfile = Arc::new(MemoryFile::new(
         &format!("guestmm-{}", guest.name),
@@ -281,6 +307,7 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
             space: space_opts,
             max_slots: opts.max_slots,
             slot_merge: opts.slot_merge,
+            ..VmOptions::default()
         },
     )?;
     let space = vm.space().clone();
@@ -319,56 +346,51 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         None
     };
 
-    let mut vcpu_fds = Vec::new();
+    let mut vcpu_list = Vec::new();
     for i in 0..vcpus {
-        let fd = vm.create_vcpu(u64::from(i))?;
-        layout.setup_vcpu(&fd, kvm, i, &args)?;
-        vcpu_fds.push(fd);
+        let vcpu = vm.create_vcpu(i)?;
+        layout.setup_vcpu(vcpu.fd(), kvm, i, &args)?;
+        vcpu_list.push(vcpu);
     }
 
-    let shared = Mutex::new(Shared::default());
+    let shared = Arc::new(Mutex::new(Shared::default()));
     let start = Instant::now();
-    let results: Vec<(Option<u32>, Result<VcpuStop, String>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = vcpu_fds
-            .iter_mut()
-            .enumerate()
-            .map(|(i, fd)| {
-                let vm = &vm;
-                let shared = &shared;
-                let template = template.as_ref().map(|(_, hf)| hf);
-                s.spawn(move || {
-                    let mut h = GuestHandler {
-                        vm,
-                        shared,
-                        start,
-                        exit_code: None,
-                        template,
-                    };
-                    let r = vm.run_vcpu(fd, i as u32, &mut h).map_err(|e| e.to_string());
-                    (h.exit_code, r)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or((None, Err("vcpu thread panicked".into())))
-            })
-            .collect()
-    });
+    let (results, stuck) = run_vcpus(
+        vcpu_list,
+        &shared,
+        start,
+        template.as_ref().map(|(_, hf)| hf.clone()),
+        opts.timeout,
+    );
     let elapsed = start.elapsed();
+    let mut timeout_failures = Vec::new();
+    if !stuck.is_empty() {
+        timeout_failures.push(format!(
+            "timed out after {:?}: {}",
+            opts.timeout,
+            stuck.join(", ")
+        ));
+    }
 
-    let shared = shared.into_inner().unwrap_or_else(|e| e.into_inner());
+    let shared = std::mem::take(&mut *shared.lock().unwrap_or_else(|e| e.into_inner()));
     let mut failures: Vec<String> = shared.errors.clone();
-    for (_, r) in &results {
-        if let Err(e) = r {
-            failures.push(e.clone());
+    failures.extend(timeout_failures);
+    for (i, (_, r)) in results.iter().enumerate() {
+        match r {
+            Err(e) => failures.push(e.clone()),
+            Ok(VcpuStop::Stopped) if stuck.is_empty() => failures.push(format!(
+                "vcpu {i} stopped: {}",
+                vm.stop_cause().map_or("?".to_string(), |c| c.to_string())
+            )),
+            _ => {}
         }
     }
     let exit_codes: Vec<Option<u32>> = results.iter().map(|(c, _)| *c).collect();
     for (i, (c, r)) in results.iter().enumerate() {
-        let violation_stop = matches!(r, Ok(VcpuStop::Violation(_)));
+        let violation_stop = matches!(
+            r,
+            Ok(VcpuStop::Violation(_)) | Ok(VcpuStop::EmulationFailure(_))
+        );
         match c {
             None if guest.ends_in_violation && violation_stop => {}
             None if guest.ends_in_violation && failures.is_empty() => {
@@ -444,6 +466,84 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         leaked_bytes,
         slots_after_unmap,
     })
+}
+
+/// What each vCPU thread ended with: its EXIT code and how `run_with`
+/// returned (errors as text).
+type VcpuResult = (Option<u32>, Result<VcpuStop, String>);
+
+/// Runs every vCPU on its own thread until each stops, or until `timeout`:
+/// then the VM is stopped and each vCPU's RIP is reported (second value);
+/// a vCPU that does not leave `KVM_RUN` even then is reported and its thread
+/// left behind, so a hung guest never hangs the runner.
+fn run_vcpus(
+    vcpus: Vec<Vcpu>,
+    shared: &Arc<Mutex<Shared>>,
+    start: Instant,
+    template: Option<Arc<HostFile>>,
+    timeout: Duration,
+) -> (Vec<VcpuResult>, Vec<String>) {
+    let n = vcpus.len();
+    let vm = vcpus.first().map(|v| v.vm().clone());
+    let (tx, rx) = mpsc::channel();
+    for mut vcpu in vcpus {
+        let tx = tx.clone();
+        let mut h = GuestHandler {
+            shared: shared.clone(),
+            start,
+            exit_code: None,
+            template: template.clone(),
+        };
+        std::thread::spawn(move || {
+            let r = vcpu.run_with(&mut h).map_err(|e| e.to_string());
+            let rip = vcpu.fd().get_regs().map_or(u64::MAX, |r| r.rip);
+            let _ = tx.send((vcpu.index(), (h.exit_code, r), rip));
+        });
+    }
+    drop(tx);
+    let mut results: Vec<Option<VcpuResult>> = (0..n).map(|_| None).collect();
+    let mut rips = vec![0; n];
+    let mut late = vec![false; n];
+    let deadline = start + timeout;
+    let mut timed_out = false;
+    let mut received = 0;
+    while received < n {
+        let wait = if timed_out {
+            Duration::from_secs(5)
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        match rx.recv_timeout(wait) {
+            Ok((i, result, rip)) => {
+                results[i as usize] = Some(result);
+                rips[i as usize] = rip;
+                late[i as usize] = timed_out;
+                received += 1;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) if !timed_out => {
+                timed_out = true;
+                if let Some(vm) = &vm {
+                    vm.stop();
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let mut stuck = Vec::new();
+    if timed_out {
+        for (i, r) in results.iter().enumerate() {
+            match r {
+                Some(_) if late[i] => stuck.push(format!("vcpu {i} at rip {:#x}", rips[i])),
+                Some(_) => {}
+                None => stuck.push(format!("vcpu {i} never left KVM_RUN")),
+            }
+        }
+    }
+    let results = results
+        .into_iter()
+        .map(|r| r.unwrap_or((None, Err("vcpu thread did not return".into()))))
+        .collect();
+    (results, stuck)
 }
 
 /// A private temporary file of `size` bytes filled with the COW pattern.

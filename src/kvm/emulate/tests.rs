@@ -1,4 +1,6 @@
-//! Operand decoding and the retry bound, without KVM.
+//! Operand addresses of each addressing form, without KVM (the retry
+//! rules are tested in `kvm::retry`, masks, VSIB and XSAVE sizes in
+//! `kvm::operands`).
 
 use super::*;
 
@@ -91,98 +93,4 @@ fn memory_operands_of_each_addressing_form() {
         let got = operands(bytes);
         assert_eq!(&got, want, "{what}: got {got:x?}, want {want:x?}");
     }
-}
-
-fn insn() -> FailedInstruction {
-    FailedInstruction {
-        bytes: [0xc5, 0xfe, 0x7f, 0x07, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        len: 4,
-        decoded: true,
-        operand: Some(op(0x4000_0000, 32, Access::Write)),
-    }
-}
-
-fn is_no_progress(v: &Verdict) -> bool {
-    matches!(v, Verdict::Violation(m) if m.kind == ViolationKind::NoProgress)
-}
-
-#[test]
-fn a_fruitless_repeat_at_the_same_rip_is_reported() {
-    let mut st = RetryState::default();
-    let form = ExitForm::InternalError;
-    assert_eq!(
-        st.after(form, RIP, 0, Resolution::Populated),
-        Verdict::Rerun
-    );
-    let v = st.after(form, RIP, 0, Resolution::NothingNew(insn()));
-    assert!(is_no_progress(&v), "got {v:?}, want NoProgress");
-    if let Verdict::Violation(m) = v {
-        assert_eq!(
-            m.instruction,
-            Some(insn()),
-            "the violation carries the bytes"
-        );
-        assert_eq!((m.rip, m.access), (Some(RIP), Access::Write));
-    }
-}
-
-#[test]
-fn one_fruitless_failure_is_retried_then_reported() {
-    let form = ExitForm::InternalError;
-    let mut st = RetryState::default();
-    assert_eq!(
-        st.after(form, RIP, 0, Resolution::NothingNew(insn())),
-        Verdict::Rerun
-    );
-    assert!(is_no_progress(&st.after(
-        form,
-        RIP,
-        0,
-        Resolution::NothingNew(insn())
-    )));
-    // Fruitless failures at alternating RIPs do not escape the bound.
-    let mut st = RetryState::default();
-    assert_eq!(
-        st.after(form, RIP, 0, Resolution::NothingNew(insn())),
-        Verdict::Rerun
-    );
-    assert!(is_no_progress(&st.after(
-        form,
-        RIP + 4,
-        0,
-        Resolution::NothingNew(insn())
-    )));
-}
-
-#[test]
-fn a_shutdown_with_nothing_to_populate_is_a_triple_fault() {
-    let mut st = RetryState::default();
-    assert_eq!(
-        st.after(ExitForm::Shutdown, RIP, 0, Resolution::Populated),
-        Verdict::Rerun
-    );
-    assert_eq!(
-        st.after(ExitForm::Shutdown, RIP, 0, Resolution::NothingNew(insn())),
-        Verdict::TripleFault
-    );
-}
-
-#[test]
-fn progress_at_new_rips_keeps_running_but_one_rip_is_capped() {
-    let form = ExitForm::InternalError;
-    let mut st = RetryState::default();
-    for i in 0..100 {
-        assert_eq!(
-            st.after(form, RIP + i * 4, 0, Resolution::Populated),
-            Verdict::Rerun
-        );
-    }
-    let mut st = RetryState::default();
-    let verdicts: Vec<bool> = (0..MAX_ATTEMPTS_PER_RIP)
-        .map(|_| is_no_progress(&st.after(form, RIP, 0, Resolution::Populated)))
-        .collect();
-    let want: Vec<bool> = (1..=MAX_ATTEMPTS_PER_RIP)
-        .map(|n| n == MAX_ATTEMPTS_PER_RIP)
-        .collect();
-    assert_eq!(verdicts, want, "reported at attempt {MAX_ATTEMPTS_PER_RIP}");
 }
