@@ -11,12 +11,12 @@
 //!   installed the page first, the host decommitted it): what KVM saw may
 //!   already be gone, so it is a transient, not a verdict;
 //! - an attempt with neither is fruitless. The first fruitless attempt is
-//!   re-run once anyway: KVM's emulator refuses some instructions whose
-//!   operand a previous MMIO exit already populated (`cmpxchg16b`), and the
-//!   re-run executes them natively. A shutdown gets one reset of the MMU
-//!   context instead (on PVM hosts a vCPU whose CR3 page lost its slot stays
-//!   shut down until then). The next fruitless attempt is final: a real
-//!   triple fault for a shutdown, an unresolved emulation failure otherwise.
+//!   re-run anyway: KVM's emulator refuses some instructions whose operand a
+//!   previous MMIO exit already populated (`cmpxchg16b`, `movbe`), and the
+//!   re-run executes them natively. A shutdown then gets one reset of the
+//!   MMU context (on PVM hosts a vCPU whose CR3 page had no slot stays shut
+//!   down until then). The next fruitless attempt is final: a real triple
+//!   fault for a shutdown, an unresolved emulation failure otherwise.
 //! - [`MAX_ATTEMPTS`] attempts of one instance, even with progress each time,
 //!   end it too: a guard against livelock (the host undoing every populate).
 
@@ -133,6 +133,7 @@ impl RetryState {
         }
         self.fruitless += 1;
         match form {
+            _ if self.fruitless == 1 => Verdict::Rerun,
             ExitForm::Shutdown if !self.mmu_reset => {
                 self.mmu_reset = true;
                 Verdict::ResetMmuAndRerun
@@ -141,7 +142,6 @@ impl RetryState {
                 self.moved_on();
                 Verdict::TripleFault
             }
-            _ if self.fruitless == 1 => Verdict::Rerun,
             _ => Verdict::Unresolved(failure(None, self.attempts)),
         }
     }
@@ -269,7 +269,7 @@ mod tests {
     }
 
     #[test]
-    fn a_shutdown_with_nothing_new_resets_the_mmu_once_then_is_a_triple_fault() {
+    fn a_fruitless_shutdown_reruns_then_resets_the_mmu_then_is_a_triple_fault() {
         let mut r = RetryState::default();
         let i = at(0x20_0000, 0);
         let s = |r: &mut RetryState| {
@@ -282,10 +282,11 @@ mod tests {
                 false,
             )
         };
+        assert_eq!(s(&mut r), Verdict::Rerun);
         assert_eq!(s(&mut r), Verdict::ResetMmuAndRerun);
         assert_eq!(s(&mut r), Verdict::TripleFault);
         // The triple fault ends the instance: a later one starts afresh.
-        assert_eq!(s(&mut r), Verdict::ResetMmuAndRerun);
+        assert_eq!(s(&mut r), Verdict::Rerun);
     }
 
     #[test]
