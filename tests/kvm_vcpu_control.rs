@@ -265,3 +265,101 @@ fn bad_vm_options_and_device_ranges_are_refused() {
     vm.add_device_range(r(0x5000_1000, 0x5000_2000)).unwrap();
     assert_eq!(vm.slots().host_addr(u64::MAX), None);
 }
+
+/// `mov eax, 0; out 0x11, eax` (the EXIT hypercall); `ud2`.
+const EXIT_ZERO: &[u8] = &[0xb8, 0, 0, 0, 0, 0xe7, 0x11, 0x0f, 0x0b];
+
+/// Stops at the first port write, noting the port.
+#[derive(Default)]
+struct FirstOut {
+    port: Option<u16>,
+    failure: Option<String>,
+}
+
+impl ExitHandler for FirstOut {
+    fn io_out(&mut self, _: &Vcpu, port: u16, _: &[u8]) -> Action {
+        self.port = Some(port);
+        Action::Stop
+    }
+    fn emulation_failure(&mut self, _: &Vcpu, f: &guestmm::kvm::EmulationFailure) -> Action {
+        self.failure = Some(f.to_string());
+        Action::Stop
+    }
+    fn shutdown(&mut self, _: &Vcpu) -> Action {
+        self.failure = Some("shutdown".into());
+        Action::Stop
+    }
+}
+
+#[test]
+fn a_guest_with_no_memory_installed_at_all_starts() {
+    // Boot region (page tables, GDT, TSS, code) in a host file mapped
+    // shared and lazily: nothing is populated or installed at the first
+    // KVM_RUN (KVM fails it with ENOSPC on PVM hosts; elsewhere it exits).
+    common::log_from_env();
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
+    use std::os::unix::fs::FileExt;
+    let layout = BootLayout::new(DEFAULT_RAM_BASE, 4 << 20, 1).unwrap();
+    let file = common::tempfile("lazy-boot");
+    file.set_len(BOOT_SIZE).unwrap();
+    for (gpa, bytes) in layout.boot_image(EXIT_ZERO).unwrap() {
+        file.write_all_at(&bytes, gpa).unwrap();
+    }
+    let hf = guestmm::mm::HostFile::new(file, true).unwrap();
+    let memfile = Arc::new(MemoryFile::new("lazy-boot", MemoryFileOptions::default()).unwrap());
+    let vm = Vm::new(&kvm, memfile, VmOptions::default()).unwrap();
+    vm.space()
+        .map(
+            MapOpts::object(hf, 0, BOOT_SIZE)
+                .fixed(0)
+                .shared()
+                .perms(Perms::ALL)
+                .name("boot"),
+        )
+        .unwrap();
+    assert_eq!(
+        vm.slots().stats().live,
+        0,
+        "nothing installed before the run"
+    );
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    layout
+        .setup_vcpu(vcpu.fd(), &kvm, 0, &EntryArgs::default())
+        .unwrap();
+    let mut h = FirstOut::default();
+    vcpu.run_with(&mut h).unwrap();
+    assert_eq!(
+        (h.port, h.failure.as_deref()),
+        (Some(0x11), None),
+        "the guest reached its EXIT hypercall"
+    );
+}
+
+#[test]
+fn a_cr3_outside_the_address_space_is_a_violation_not_a_host_error() {
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
+    let (vm, mut vcpus) = vm_with(&kvm, EXIT_ZERO, 1, 4 << 20, None);
+    let vcpu = &mut vcpus[0];
+    let mut sregs = vcpu.fd().get_sregs().unwrap();
+    let beyond = VmOptions::default().space.size + 0x1000;
+    sregs.cr3 = beyond;
+    vcpu.fd().set_sregs(&sregs).unwrap();
+    let mut h = FirstOut::default();
+    let stop = vcpu.run_with(&mut h).unwrap();
+    match stop {
+        VcpuStop::EmulationFailure(f) => {
+            let v = f.violation.expect("a violation");
+            assert_eq!(v.kind, guestmm::kvm::ViolationKind::Unmapped, "got {v}");
+            assert_eq!(v.gpa, beyond, "got {v}");
+        }
+        other => panic!(
+            "got {other:?} ({:?}), want an emulation failure with a violation",
+            h.failure
+        ),
+    }
+    assert_eq!(vm.stop_cause(), None, "a guest error does not stop the VM");
+}

@@ -89,6 +89,9 @@ struct Failure<'a> {
     vm: &'a Vm,
     vcpu: &'a VcpuFd,
     index: u32,
+    /// Also fault in the descriptor tables and the TSS (see
+    /// [`Failure::system_tables`]).
+    system_tables: bool,
     regs: kvm_regs,
     sregs: kvm_sregs,
     mode: Option<PagingMode>,
@@ -115,6 +118,7 @@ impl Vm {
         retry: &mut RetryState,
     ) -> Result<Verdict, VmError> {
         let mut f = Failure::new(self, vcpu, index)?;
+        f.system_tables = form != ExitForm::InternalError;
         let resolution = f.resolve()?;
         log::debug!(
             "vcpu {index}: {form:?} at rip {:#x} insn {:02x?} operand {}: {}{}",
@@ -188,6 +192,7 @@ impl<'a> Failure<'a> {
             vm,
             vcpu,
             index,
+            system_tables: false,
             mode,
             long64: mode.is_some() && sregs.cs.l == 1,
             regs,
@@ -234,6 +239,9 @@ impl<'a> Failure<'a> {
         self.insn.decoded = true;
         self.insn.len = instr.len() as u8;
 
+        if self.system_tables || is_port_io(&instr) {
+            self.system_tables()?;
+        }
         let touches = self.touches(&instr)?;
         self.insn.operand = touches.first().map(|t| t.op);
         for t in touches {
@@ -259,6 +267,36 @@ impl<'a> Failure<'a> {
                     Err(Refusal::Violation(_)) => {}
                     Err(host) => return Err(host),
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// The GDT, the IDT and the TSS: the CPU reads them without an
+    /// instruction naming them (delivering an exception, checking a port
+    /// against the TSS I/O bitmap — which PVM hosts do for every `in`/`out`
+    /// at CPL3 —, loading a segment), and KVM's emulator cannot read them
+    /// through a page without a slot. Optional: populated where the guest
+    /// has memory, never reported.
+    fn system_tables(&mut self) -> Result<(), Refusal> {
+        let tables = [
+            (self.sregs.gdt.base, u64::from(self.sregs.gdt.limit)),
+            (self.sregs.idt.base, u64::from(self.sregs.idt.limit)),
+            (self.sregs.tr.base, u64::from(self.sregs.tr.limit)),
+        ];
+        for (base, limit) in tables {
+            // An unusable TR or a zero-limit table has nothing to read.
+            if limit == 0 && base == 0 {
+                continue;
+            }
+            let last = base.wrapping_add(limit);
+            let mut page = page_round_down(base);
+            for _ in 0..=(page_round_down(last).wrapping_sub(page) / PAGE_SIZE).min(16) {
+                match self.translate(page.max(base), Access::Read, false) {
+                    Ok(_) | Err(Refusal::Violation(_)) => {}
+                    Err(host) => return Err(host),
+                }
+                page = page.wrapping_add(PAGE_SIZE);
             }
         }
         Ok(())
@@ -513,6 +551,16 @@ impl<'a> Failure<'a> {
             instruction: None,
         }))
     }
+}
+
+/// True for `in`, `out`, `ins`, `outs`: at CPL3 they may read the TSS I/O
+/// bitmap.
+fn is_port_io(instr: &Instruction) -> bool {
+    use iced_x86::Mnemonic::*;
+    matches!(
+        instr.mnemonic(),
+        In | Out | Insb | Insw | Insd | Outsb | Outsw | Outsd
+    )
 }
 
 /// The memory operands `instr` touches under `regs`/`sregs`, without vector

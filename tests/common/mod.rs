@@ -69,3 +69,24 @@ pub fn kvm_or_skip() -> Option<kvm_ioctls::Kvm> {
         }
     }
 }
+
+/// Logs the library's records to stderr when `GUESTMM_LOG` is set (to
+/// `debug` or `trace`), for debugging a test: `GUESTMM_LOG=debug cargo test ...`.
+pub fn log_from_env() {
+    struct Stderr;
+    impl log::Log for Stderr {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            eprintln!("{:5} {}: {}", r.level(), r.target(), r.args());
+        }
+        fn flush(&self) {}
+    }
+    static LOGGER: Stderr = Stderr;
+    if let Ok(level) = std::env::var("GUESTMM_LOG") {
+        if log::set_logger(&LOGGER).is_ok() {
+            log::set_max_level(level.parse().unwrap_or(log::LevelFilter::Debug));
+        }
+    }
+}
