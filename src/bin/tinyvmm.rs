@@ -17,13 +17,21 @@
 //!   --json                   one JSON object per guest instead of the summary line
 //!   --list                   list the guests
 //!   -v, --verbose            log the library's debug messages to stderr (-vv: trace)
+//!
+//! Your own guest image (a flat binary built against guest/abi.h and
+//! guest/guest.ld, loaded and entered like the built-in guests; NAME in the
+//! summary line is the file name without its extension):
+//!   --image FILE             run FILE (repeatable)
+//!   --template-kib N         map an N KiB private template before start (r8/r9)
+//!   --expect-violations N    N violations are part of a pass (default 0)
+//!   --ends-in-violation      every vCPU must end stopped by a violation
 //! ```
 //!
 //! Prints one summary line per guest and exits non-zero if any failed.
 
 use std::process::ExitCode;
 
-use guestmm::vmm::guests::{self, GUESTS};
+use guestmm::vmm::guests::{self, Guest, GUESTS};
 use guestmm::vmm::runner::{run_guest, GuestReport, RunOptions};
 
 struct Args {
@@ -31,11 +39,16 @@ struct Args {
     stats: bool,
     json: bool,
     names: Vec<String>,
+    images: Vec<String>,
+    /// How `--image` guests run.
+    template_size: u64,
+    expected_violations: u32,
+    ends_in_violation: bool,
 }
 
 const USAGE: &str = "usage: tinyvmm [--ram-mib N] [--vcpus N] [--fault-around-kib N] \
 [--fault-around-max-kib N] [--eager] [--max-slots N] [--lazy-merge N] [--memfile-max-mib N] \
-[--timeout-s N] \
+[--timeout-s N] [--image FILE [--template-kib N] [--expect-violations N] [--ends-in-violation]] \
 [--stats] [--json] [--list] [-v|-vv] [GUEST|all]...";
 
 fn parse() -> Result<Args, String> {
@@ -44,6 +57,10 @@ fn parse() -> Result<Args, String> {
         stats: false,
         json: false,
         names: Vec::new(),
+        images: Vec::new(),
+        template_size: 0,
+        expected_violations: 0,
+        ends_in_violation: false,
     };
     let mut it = std::env::args().skip(1);
     let num = |it: &mut dyn Iterator<Item = String>, flag: &str| -> Result<u64, String> {
@@ -73,6 +90,12 @@ fn parse() -> Result<Args, String> {
                 a.opts.memfile_max = Some(mib << 20)
             }
             "--timeout-s" => a.opts.timeout = std::time::Duration::from_secs(num(&mut it, &arg)?),
+            "--image" => a
+                .images
+                .push(it.next().ok_or("--image needs a file")?.to_string()),
+            "--template-kib" => a.template_size = num(&mut it, &arg)? << 10,
+            "--expect-violations" => a.expected_violations = num(&mut it, &arg)? as u32,
+            "--ends-in-violation" => a.ends_in_violation = true,
             "--stats" => a.stats = true,
             "--json" => a.json = true,
             "-v" | "--verbose" | "-vv" => {
@@ -98,10 +121,39 @@ fn parse() -> Result<Args, String> {
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
     }
-    if a.names.is_empty() {
+    if a.names.is_empty() && a.images.is_empty() {
         a.names.extend(GUESTS.iter().map(|g| g.name.to_string()));
     }
     Ok(a)
+}
+
+/// A guest from an image file (`--image`), run as the options say. The
+/// image and name live for the rest of the process.
+fn image_guest(path: &str, a: &Args) -> Result<Guest, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("--image {path}: {e}"))?;
+    let name = std::path::Path::new(path)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|s| !s.is_empty())
+        .ok_or(format!("--image {path}: no file name"))?;
+    if a.template_size % 4096 != 0 {
+        return Err(format!(
+            "--template-kib {}: must be a multiple of 4",
+            a.template_size >> 10
+        ));
+    }
+    Ok(Guest {
+        name: Box::leak(name.to_string().into_boxed_str()),
+        image: Box::leak(bytes.into_boxed_slice()),
+        vcpus: 1,
+        template_size: a.template_size,
+        expected_violations: a.expected_violations,
+        ends_in_violation: a.ends_in_violation,
+        expected_console: "",
+        unsupported_exit: None,
+        description: "an image from --image",
+        ..GUESTS[0]
+    })
 }
 
 /// `--verbose`: every log record on stderr.
@@ -163,12 +215,27 @@ fn main() -> ExitCode {
         }
     };
     let mut failed = 0;
+    let mut to_run: Vec<Guest> = Vec::new();
     for name in &args.names {
-        let Some(guest) = guests::find(name) else {
-            eprintln!("tinyvmm: no guest named {name} (try --list)");
-            failed += 1;
-            continue;
-        };
+        match guests::find(name) {
+            Some(g) => to_run.push(*g),
+            None => {
+                eprintln!("tinyvmm: no guest named {name} (try --list)");
+                failed += 1;
+            }
+        }
+    }
+    for path in &args.images {
+        match image_guest(path, &args) {
+            Ok(g) => to_run.push(g),
+            Err(e) => {
+                eprintln!("tinyvmm: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    for guest in &to_run {
+        let name = guest.name;
         match run_guest(&kvm, guest, &args.opts) {
             Ok(report) => {
                 if !args.json {
