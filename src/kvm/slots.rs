@@ -27,7 +27,7 @@
 //! KVM cannot resize a slot, so a merge, a split or a change of writability
 //! deletes slots and adds others; between the two ioctls the memory they
 //! cover is installed but has no slot. A plan whose deletes and adds overlap
-//! therefore runs with the VM's run gate closed ([`super::gate`]): every
+//! therefore runs with the VM's run gate closed (`kvm/gate.rs`): every
 //! vCPU is out of `KVM_RUN` until the new slots are in, so no vCPU ever
 //! observes installed memory without a slot. A plan that only adds, or only
 //! deletes what is removed for good, needs no pause.

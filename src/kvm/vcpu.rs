@@ -115,7 +115,7 @@ pub enum Exit<'a> {
 }
 
 /// A KVM vCPU whose `KVM_RUN` goes through its VM's run gate (see
-/// [`super::gate`]): guestmm can kick it, pause it, and keep memslot
+/// `kvm/gate.rs`): guestmm can kick it, pause it, and keep memslot
 /// changes from showing it a gap.
 pub struct Vcpu {
     vm: Arc<Vm>,
@@ -539,7 +539,7 @@ impl Vcpu {
     }
 
     /// Undoes KVM's emulation of the instruction behind the pending MMIO
-    /// read (see [`super::native`]): completes it without entering the
+    /// read (see `kvm/native.rs`): completes it without entering the
     /// guest, then puts back the registers it had before, so the next run
     /// executes it natively against the now installed page.
     fn rerun_natively(&mut self, saved: &kvm_bindings::kvm_regs) -> Result<(), VmError> {

@@ -1,6 +1,6 @@
 //! `Vm`: a KVM VM whose RAM is a guestmm address space, shown to the guest
 //! through a [`SlotTable`], with the run gate its vCPUs pass through (see
-//! [`super::gate`]): pause, stop, and the watchdog.
+//! `kvm/gate.rs`): pause, stop, and the watchdog.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
@@ -145,7 +145,7 @@ pub struct VmOptions {
     pub slot_merge: MergePolicy,
     /// The signal that kicks vCPUs out of `KVM_RUN`, as an offset from
     /// `SIGRTMIN` (default 0). guestmm installs a handler that does
-    /// nothing; vCPU threads must not block it (see [`super::gate`]).
+    /// nothing; vCPU threads must not block it (see `kvm/gate.rs`).
     pub kick_signal: i32,
     /// Kick a vCPU that has been inside `KVM_RUN` this long, and populate
     /// what its current instruction needs: KVM's emulator hangs without
@@ -203,7 +203,7 @@ pub struct VmStats {
     /// Exits forwarded to device handlers.
     pub device_exits: u64,
     /// Instructions KVM's emulator computes wrongly that were rewound and
-    /// re-run natively once their page was installed (see [`super::native`]).
+    /// re-run natively once their page was installed (see `kvm/native.rs`).
     pub native_reruns: u64,
     /// MMU context resets (a shutdown that populating did not cure).
     pub mmu_resets: u64,
