@@ -133,6 +133,14 @@ pub const GUESTS: &[Guest] = &[
             "AVX stores to a VA its page tables lack and to the hole: violations, not hangs",
         )
     },
+    Guest {
+        min_ram: 32 * MIB,
+        ..guest(
+            "sgdt",
+            image!("sgdt"),
+            "sgdt/sidt at CPL3 into fresh pages (KVM loops without an exit: the watchdog)",
+        )
+    },
 ];
 
 /// The guest called `name`, if there is one.
