@@ -214,3 +214,20 @@ fn eager_mode_registers_ram_up_front() {
     assert_eq!(r.vm.memory_exits, 0, "eager RAM never exits");
     assert_eq!(r.vm.slots.adds, 2, "one slot for boot, one for RAM");
 }
+
+#[test]
+fn sgdt_and_sidt_into_fresh_pages_are_rescued_by_the_watchdog() {
+    let Some(kvm) = kvm_or_skip() else { return };
+    let r = run(&kvm, "sgdt", &RunOptions::default());
+    assert_pass(&r);
+    // Whether KVM exits for these depends on the host; where it does not,
+    // only the watchdog populates the operand, once per fresh window.
+    if r.vm.memory_exits + r.vm.emulation_failures == 0 {
+        assert!(
+            r.vm.watchdog_populated >= 3,
+            "no exits and {} watchdog populates: {:?}",
+            r.vm.watchdog_populated,
+            r.vm
+        );
+    }
+}
