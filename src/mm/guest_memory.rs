@@ -236,7 +236,7 @@ fn access_of(perms: Permissions) -> Access {
 }
 
 /// Maps an mm error of an access at `addr` to vm-memory's error type.
-fn guest_error(addr: GuestAddress, e: MmError) -> GuestMemoryError {
+pub(super) fn guest_error(addr: GuestAddress, e: MmError) -> GuestMemoryError {
     use std::io::{Error, ErrorKind};
     match e {
         MmError::NotMapped { range, gap } => {

@@ -7,6 +7,10 @@
 //! - [`fault`]: the fault path (`handle_fault`) and the fault-around policy;
 //! - [`io`]: host-side reads and writes, pins;
 //! - [`guest_memory`]: vm-memory's `GuestMemory` over an address space;
+//! - [`regions`]: vm-memory's region-based `GuestMemoryBackend` over an
+//!   address space (for linux-loader and other crates that want regions);
+//! - [`extents`]: what backs each guest range (fd, offset, populated), and
+//!   installing what host I/O populated;
 //! - [`fork`]: cloning an address space;
 //! - [`mappable`]: what a vma can map;
 //! - [`backend`]: how populated memory reaches the guest (KVM, or a test
@@ -21,6 +25,7 @@
 //! lock take the guarded state as a parameter and end in `_locked`.
 
 pub mod backend;
+pub mod extents;
 pub mod fault;
 pub mod fork;
 pub mod guest_memory;
@@ -29,6 +34,7 @@ pub mod io;
 pub mod mappable;
 pub mod pma;
 pub mod protect;
+pub mod regions;
 mod shared;
 pub mod vma;
 
@@ -45,6 +51,7 @@ use crate::segment::SegmentSet;
 
 pub use backend::{AddressSpaceBackend, BackendError, NoopBackend, RecordingBackend};
 pub use check::check_file_refs;
+pub use extents::{Extent, ExtentBacking};
 pub use fault::{FaultError, Populated};
 pub use guest_memory::SpaceMemory;
 pub use hostfile::HostFile;
@@ -52,6 +59,7 @@ pub use io::{IoOpts, Pin};
 pub use mappable::{File, FileError, Mappable, MappingSpace, Translation};
 pub use pma::PrivateRefs;
 pub use protect::{ProtectError, ProtectionRanges, Region};
+pub use regions::{SpaceRegion, SpaceRegions};
 pub use shared::SharedMemory;
 pub use stats::{MapsEntry, Stats};
 pub use vma::{MapOpts, MapSource, Placement};
