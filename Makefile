@@ -3,7 +3,7 @@ CARGO ?= cargo
 # tinyvmm, the guests and their tests live behind the `vmm` feature (see Cargo.toml).
 FEATURES ?= --features vmm
 
-.PHONY: all run test bench lint guests embed-check clean
+.PHONY: all run test bench lint guests embed-check linux clean
 
 all: test
 
@@ -22,6 +22,13 @@ test: embed-check
 ## and `objcopy` made to fail: the library needs no guest toolchain.
 embed-check:
 	./.ci/embed-check
+
+## Boot Debian's cloud kernel (fetched by .ci/fetch-kernel) on lazy memory
+## until setup_arch prints its zone ranges (about a minute here; not in `make run`).
+linux:
+	./.ci/fetch-kernel
+	$(CARGO) build --release $(FEATURES) --bin tinyvmm
+	./target/release/tinyvmm --kernel target/linux/vmlinux --stop-at "Zone ranges"
 
 ## Criterion benches and the side-by-side comparison runner (figures on
 ## stdout as `bench NAME: VALUE UNIT` / `ratio NAME: VALUE`, table in

@@ -27,11 +27,24 @@
 //!   --ends-in-violation      every vCPU must end stopped by a violation
 //! ```
 //!
-//! Prints one summary line per guest and exits non-zero if any failed.
+//! An unmodified Linux kernel (an uncompressed `vmlinux` ELF; see README):
+//!   --kernel FILE            boot FILE instead of test guests (console on stdout)
+//!   --cmdline TEXT           kernel command line (default: guestmm::vmm::linux::DEFAULT_CMDLINE)
+//!   --initrd FILE            initial ramdisk
+//!   --pvh                    enter through PVH instead of the 64-bit boot protocol
+//!   --stop-at TEXT           stop once the console printed TEXT
+//!   --keep-cx16              leave CX16 in CPUID (see guestmm::vmm::linux)
+//!   (--ram-mib defaults to 256, --timeout-s to 600; --eager and the
+//!   fault-around options apply)
+//!
+//! Prints one summary line per guest (or kernel) and exits non-zero if any
+//! failed (a kernel fails when it stopped on its own, or when `--stop-at`
+//! was not reached).
 
 use std::process::ExitCode;
 
 use guestmm::vmm::guests::{self, Guest, GUESTS};
+use guestmm::vmm::linux::{boot_linux, BootProtocol, LinuxEnd, LinuxOptions};
 use guestmm::vmm::runner::{run_guest, GuestReport, RunOptions};
 
 struct Args {
@@ -44,12 +57,18 @@ struct Args {
     template_size: u64,
     expected_violations: u32,
     ends_in_violation: bool,
+    /// `--kernel` and its options.
+    linux: Option<LinuxOptions>,
+    ram_given: bool,
+    timeout_given: bool,
 }
 
 const USAGE: &str = "usage: tinyvmm [--ram-mib N] [--vcpus N] [--fault-around-kib N] \
 [--fault-around-max-kib N] [--eager] [--max-slots N] [--lazy-merge N] [--memfile-max-mib N] \
 [--timeout-s N] [--image FILE [--template-kib N] [--expect-violations N] [--ends-in-violation]] \
-[--stats] [--json] [--list] [-v|-vv] [GUEST|all]...";
+[--stats] [--json] [--list] [-v|-vv] [GUEST|all]...
+       tinyvmm --kernel VMLINUX [--cmdline TEXT] [--initrd FILE] [--pvh] [--stop-at TEXT] \
+[--keep-cx16] [--ram-mib N] [--eager] [--timeout-s N] [-v|-vv]";
 
 fn parse() -> Result<Args, String> {
     let mut a = Args {
@@ -61,6 +80,9 @@ fn parse() -> Result<Args, String> {
         template_size: 0,
         expected_violations: 0,
         ends_in_violation: false,
+        linux: None,
+        ram_given: false,
+        timeout_given: false,
     };
     let mut it = std::env::args().skip(1);
     let num = |it: &mut dyn Iterator<Item = String>, flag: &str| -> Result<u64, String> {
@@ -69,7 +91,10 @@ fn parse() -> Result<Args, String> {
     };
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "--ram-mib" => a.opts.ram_size = num(&mut it, &arg)? << 20,
+            "--ram-mib" => {
+                a.opts.ram_size = num(&mut it, &arg)? << 20;
+                a.ram_given = true;
+            }
             "--vcpus" => a.opts.vcpus = Some(num(&mut it, &arg)? as u32),
             "--fault-around-kib" => a.opts.fault_around = num(&mut it, &arg)? << 10,
             "--fault-around-max-kib" => a.opts.fault_around_max = num(&mut it, &arg)? << 10,
@@ -89,7 +114,20 @@ fn parse() -> Result<Args, String> {
                 }
                 a.opts.memfile_max = Some(mib << 20)
             }
-            "--timeout-s" => a.opts.timeout = std::time::Duration::from_secs(num(&mut it, &arg)?),
+            "--timeout-s" => {
+                a.opts.timeout = std::time::Duration::from_secs(num(&mut it, &arg)?);
+                a.timeout_given = true;
+            }
+            "--kernel" => {
+                linux(&mut a).kernel = it.next().ok_or("--kernel needs a file")?.into();
+            }
+            "--cmdline" => linux(&mut a).cmdline = it.next().ok_or("--cmdline needs text")?,
+            "--initrd" => {
+                linux(&mut a).initrd = Some(it.next().ok_or("--initrd needs a file")?.into())
+            }
+            "--pvh" => linux(&mut a).protocol = BootProtocol::Pvh,
+            "--stop-at" => linux(&mut a).stop_at = Some(it.next().ok_or("--stop-at needs text")?),
+            "--keep-cx16" => linux(&mut a).clear_cx16 = false,
             "--image" => a
                 .images
                 .push(it.next().ok_or("--image needs a file")?.to_string()),
@@ -121,10 +159,70 @@ fn parse() -> Result<Args, String> {
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
     }
-    if a.names.is_empty() && a.images.is_empty() {
+    if let Some(l) = &a.linux {
+        if l.kernel.as_os_str().is_empty() {
+            return Err(format!("kernel options need --kernel FILE\n{USAGE}"));
+        }
+        if !a.names.is_empty() || !a.images.is_empty() {
+            return Err("--kernel boots a kernel; it does not run test guests too".into());
+        }
+    }
+    if a.names.is_empty() && a.images.is_empty() && a.linux.is_none() {
         a.names.extend(GUESTS.iter().map(|g| g.name.to_string()));
     }
     Ok(a)
+}
+
+/// The kernel options, created on first use.
+fn linux(a: &mut Args) -> &mut LinuxOptions {
+    a.linux.get_or_insert_with(|| LinuxOptions {
+        echo: true,
+        ..LinuxOptions::default()
+    })
+}
+
+/// Boots the `--kernel`; true if it ended as asked.
+fn run_linux(kvm: &kvm_ioctls::Kvm, a: &Args) -> bool {
+    let Some(base) = &a.linux else { return false };
+    let mut opts = base.clone();
+    if a.ram_given {
+        opts.ram_size = a.opts.ram_size;
+    }
+    if a.timeout_given {
+        opts.timeout = a.opts.timeout;
+    }
+    opts.eager = a.opts.eager;
+    opts.fault_around = a.opts.fault_around;
+    opts.fault_around_max = a.opts.fault_around_max;
+    let r = match boot_linux(kvm, &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("linux: FAIL could not boot: {e}");
+            return false;
+        }
+    };
+    let (ok, how) = match &r.end {
+        LinuxEnd::Reached => (true, "reached the --stop-at text".to_string()),
+        LinuxEnd::TimedOut => (opts.stop_at.is_none(), "timed out".to_string()),
+        LinuxEnd::Stopped(why) => (false, format!("stopped: {why}")),
+    };
+    println!(
+        "linux: {} {how} after {:.1} s: faults {} memory exits {} port exits {} slot adds {} \
+         populated {} MiB #BP injected {}",
+        if ok { "PASS" } else { "FAIL" },
+        r.elapsed.as_secs_f64(),
+        r.mm.faults,
+        r.vm.memory_exits,
+        r.port_exits,
+        r.vm.slots.adds,
+        r.populated_bytes >> 20,
+        r.injected_breakpoints,
+    );
+    if a.stats {
+        println!("  mm: {:?}", r.mm);
+        println!("  vm: {:?}", r.vm);
+    }
+    ok
 }
 
 /// A guest from an image file (`--image`), run as the options say. The
@@ -214,6 +312,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.linux.is_some() {
+        return if run_linux(&kvm, &args) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     let mut failed = 0;
     let mut to_run: Vec<Guest> = Vec::new();
     for name in &args.names {

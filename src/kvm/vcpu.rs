@@ -222,7 +222,9 @@ impl Vcpu {
     }
 
     /// Runs the vCPU once (`KVM_RUN`) and resolves what guestmm can; see
-    /// [`Exit`] for the rest. Waits first while the VM is paused.
+    /// [`Exit`] for the rest. Waits first while the VM is paused. The VM's
+    /// first run installs what host writes populated
+    /// ([`Vm::install_host_writes`]).
     ///
     /// Errors are host errors (out of memory or memslots, a failed ioctl);
     /// they stop the whole VM ([`StopCause::VcpuFailed`]), so other vCPUs
@@ -257,7 +259,7 @@ impl Vcpu {
             })?;
             self.unblocked_on = Some(me);
         }
-        Ok(())
+        self.vm.install_host_writes_once()
     }
 
     fn step(&mut self) -> Result<Exit<'_>, VmError> {

@@ -2,7 +2,7 @@
 //! through a [`SlotTable`], with the run gate its vCPUs pass through (see
 //! `kvm/gate.rs`): pause, stop, and the watchdog.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -230,6 +230,9 @@ pub struct Vm {
     pub(crate) gate: Arc<RunGate>,
     stop_cause: Mutex<Option<StopCause>>,
     watchdog: Option<Arc<WatchdogControl>>,
+    /// Whether what host I/O populated before the first `KVM_RUN` was
+    /// installed (see [`Vm::install_host_writes`]).
+    host_writes_installed: AtomicBool,
 }
 
 /// Tells the watchdog thread to end.
@@ -317,11 +320,39 @@ impl Vm {
             gate,
             stop_cause: Mutex::new(None),
             watchdog: watchdog.clone(),
+            host_writes_installed: AtomicBool::new(false),
         });
         if let (Some(period), Some(control)) = (opts.watchdog, watchdog) {
             spawn_watchdog(Arc::downgrade(&vm), period, control)?;
         }
         Ok(vm)
+    }
+
+    /// Installs everything populated in the address space
+    /// ([`AddressSpace::install_populated`]): memory the VMM wrote before
+    /// starting the guest (a loader, a restored snapshot) then costs no
+    /// exits. The first [`Vcpu::run`](super::Vcpu::run) of the VM does it
+    /// once by itself; call it again after writing more memory from the
+    /// host. Returns the bytes handed to the memslots.
+    ///
+    /// Errors: out of memslots ([`VmError::Mm`]); what was installed stays.
+    pub fn install_host_writes(&self) -> Result<u64, VmError> {
+        let whole =
+            GuestRange::new(0, self.space.options().size).map_err(|e| VmError::Mm(e.into()))?;
+        let bytes = self.space.install_populated(whole)?;
+        self.host_writes_installed.store(true, Ordering::Release);
+        log::debug!("installed {bytes} bytes populated by host I/O");
+        Ok(bytes)
+    }
+
+    /// [`install_host_writes`](Self::install_host_writes) unless it ran.
+    pub(crate) fn install_host_writes_once(&self) -> Result<(), VmError> {
+        // vCPUs starting together may both install: harmless (installing
+        // what is installed changes nothing).
+        if self.host_writes_installed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.install_host_writes().map(|_| ())
     }
 
     /// Pauses every vCPU: returns once none is inside `KVM_RUN`; vCPUs that

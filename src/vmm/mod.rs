@@ -7,6 +7,8 @@
 //! - [`hypercall`]: the port-I/O ABI guests use to talk to the VMM.
 //! - [`guests`]: the embedded guest images and what each needs to run.
 //! - [`runner`]: boots one guest on a guestmm VM, runs it, checks and reports.
+//! - [`linux`]: boots an unmodified Linux kernel (linux-loader, a 16550
+//!   console from vm-superio, KVM's irqchip) on lazy guestmm memory.
 //!
 //! `boot`, `hypercall` and `guests` do not depend on how guest memory is
 //! managed (the caller writes [`boot::BootLayout::boot_image`] into guest
@@ -15,6 +17,7 @@
 pub mod boot;
 pub mod guests;
 pub mod hypercall;
+pub mod linux;
 pub mod runner;
 
 pub use boot::{BootError, BootLayout, EntryArgs};
