@@ -635,3 +635,38 @@ fn install_populated_shows_exactly_what_host_writes_populated() {
     be.fail_installs_after(None);
     space.check_invariants().unwrap();
 }
+
+#[test]
+fn threads_share_one_view() {
+    const BASE: u64 = 1 << 30;
+    let (_mf, _be, space) = common::setup("regions-threads");
+    space.map(MapOpts::anonymous(8 * MIB).fixed(BASE)).unwrap();
+    let mem = Arc::new(space.regions(IoOpts::default()).unwrap());
+    // Each thread writes its own 2 MiB in odd-sized pieces and reads a
+    // page that straddles into its neighbour's part.
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let mem = mem.clone();
+            std::thread::spawn(move || {
+                let base = BASE + u64::from(t) * 2 * MIB;
+                let bytes = pattern(2 * MIB as usize, t);
+                for (i, chunk) in bytes.chunks(12_345).enumerate() {
+                    mem.write_slice(chunk, GuestAddress(base + i as u64 * 12_345))
+                        .unwrap();
+                    let mut probe = [0u8; 64];
+                    let at = (base + 2 * MIB - 32).min(BASE + 8 * MIB - 64);
+                    mem.read_slice(&mut probe, GuestAddress(at)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    for t in 0..4u8 {
+        let mut got = vec![0u8; 2 * MIB as usize];
+        space.read(BASE + u64::from(t) * 2 * MIB, &mut got).unwrap();
+        assert!(got == pattern(2 * MIB as usize, t), "thread {t}'s bytes");
+    }
+    space.check_invariants().unwrap();
+}

@@ -165,8 +165,9 @@ pub struct SpaceRegion {
     range: GuestRange,
     reservation: Reservation,
     /// What file pages the reservation shows, by region offset. A leaf
-    /// lock: taken with the space's `mapping` and `active` held (inside
-    /// `with_pieces`), never held while calling anything else.
+    /// lock below `AddressSpace.active`: taken only inside `with_pieces`
+    /// (the space's `mapping` and `active` held), never held while calling
+    /// anything else.
     shown: Mutex<SegmentSet<Shown>>,
 }
 
@@ -182,7 +183,6 @@ impl SpaceRegion {
         let first = page_round_down(start);
         let last = align_up(end, PAGE_SIZE).expect("inside a page-aligned region");
         let gpa = self.range.start() + first;
-        let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
         self.space.with_pieces(
             gpa,
             (last - first) as usize,
@@ -192,6 +192,7 @@ impl SpaceRegion {
                 // Called with the space's locks held: the pma holds the
                 // pages, and no other access can change them meanwhile, so
                 // two accesses never map stale pages over fresh ones.
+                let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
                 let at = first + p.buf_offset as u64;
                 let r = Range::new_unchecked(at, at + p.len as u64);
                 let current = shown.gaps(r).next().is_none()
