@@ -1,6 +1,7 @@
-//! `AddressSpace::install_populated` on real KVM: memory a host write (a
-//! loader) populated before the first run is shown to the guest without
-//! faulting through exits again.
+//! Installing host-written memory on real KVM: memory a host write (a
+//! loader) populated is shown to the guest without faulting through exits
+//! again — by the VM's first run on its own, or by
+//! `Vm::install_host_writes` for memory written after that.
 
 mod common;
 
@@ -61,10 +62,22 @@ fn image() -> Vec<u8> {
     img
 }
 
+/// When the host's writes are installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Install {
+    /// The VM's first-run install happens before the host writes RAM, and
+    /// nothing installs the writes (the baseline).
+    Never,
+    /// The host writes RAM before the first run, which installs it.
+    AtFirstRun,
+    /// As `Never`, then `Vm::install_host_writes` after the writes.
+    Explicit,
+}
+
 /// Runs the page-summing guest on 16 MiB of RAM that the host filled
-/// through the region view, installing it first or not. One-page fault
-/// windows make every uninstalled page cost the guest an exit.
-fn run(kvm: &Kvm, install: bool) -> (VmStats, u64) {
+/// through the region view. One-page fault windows make every uninstalled
+/// page cost the guest an exit.
+fn run(kvm: &Kvm, install: Install) -> (VmStats, u64) {
     let memfile = Arc::new(MemoryFile::new("kvm-install", MemoryFileOptions::default()).unwrap());
     let opts = VmOptions {
         space: AddressSpaceOptions {
@@ -97,22 +110,27 @@ fn run(kvm: &Kvm, install: bool) -> (VmStats, u64) {
                 .name("ram"),
         )
         .unwrap();
+    if install != Install::AtFirstRun {
+        // What the first run would do; RAM is not written yet.
+        vm.install_host_writes().unwrap();
+    }
     // What a loader does: write through the region view.
     let mem = space.regions(IoOpts::FORCE).unwrap();
     mem.write_slice(&image(), GuestAddress(DEFAULT_RAM_BASE))
         .unwrap();
     let ram = Range::from_len(DEFAULT_RAM_BASE, RAM).unwrap();
     let live_before = vm.slots().stats().live;
-    if install {
-        let shown = space.install_populated(ram).unwrap();
-        assert_eq!(shown, RAM);
+    assert_eq!(
+        vm.slots().stats().live,
+        live_before,
+        "host writes alone install nothing"
+    );
+    if install == Install::Explicit {
+        // The boot region is installed already; RAM is what is new.
+        let shown = vm.install_host_writes().unwrap();
+        assert_eq!(shown, BOOT_SIZE + RAM);
         assert!(vm.slots().stats().live > live_before, "RAM got a slot");
-    } else {
-        assert_eq!(
-            vm.slots().stats().live,
-            live_before,
-            "host writes alone install nothing"
-        );
+        assert_eq!(space.install_populated(ram).unwrap(), RAM, "idempotent");
     }
     let mut vcpu = vm.create_vcpu(0).unwrap();
     layout
@@ -138,13 +156,19 @@ fn installing_host_written_memory_spares_the_guest_its_faults() {
         .map(|p| u64::from_le_bytes(p[..8].try_into().unwrap()))
         .fold(0u64, u64::wrapping_add) as u32;
 
-    let (lazy, sum) = run(&kvm, false);
+    let (lazy, sum) = run(&kvm, Install::Never);
     assert_eq!(sum, u64::from(expected), "the guest read the host's bytes");
-    let (installed, sum) = run(&kvm, true);
+    let (installed, sum) = run(&kvm, Install::Explicit);
+    assert_eq!(sum, u64::from(expected), "the guest read the host's bytes");
+    let (first_run, sum) = run(&kvm, Install::AtFirstRun);
     assert_eq!(sum, u64::from(expected), "the guest read the host's bytes");
     eprintln!(
-        "memory exits: {} without install_populated, {} with",
-        lazy.memory_exits, installed.memory_exits
+        "memory exits: {} without an install, {} with install_host_writes, {} with the first run's",
+        lazy.memory_exits, installed.memory_exits, first_run.memory_exits
+    );
+    assert_eq!(
+        first_run.memory_exits, 0,
+        "the first run installed what the loader wrote"
     );
     let pages = RAM / PAGE_SIZE;
     assert!(
