@@ -326,6 +326,7 @@ impl<'a> Failure<'a> {
             long64: self.long64,
             vectors: vectors.as_ref(),
             xcr0,
+            xcr0_extra: if xcr0 == 0 { 0 } else { operands::host_xcr0() },
         };
         Ok(operands::memory_accesses(instr, &cpu))
     }
@@ -430,6 +431,7 @@ impl<'a> Failure<'a> {
             long64: self.long64,
             vectors: None,
             xcr0: 0,
+            xcr0_extra: 0,
         };
         let base = operands::register(&cpu, seg, 0, 0).unwrap_or(0);
         let la = base.wrapping_add(offset);
@@ -578,6 +580,7 @@ fn memory_operands(
         long64,
         vectors: None,
         xcr0: 0,
+        xcr0_extra: 0,
     };
     operands::memory_accesses(instr, &cpu)
         .into_iter()

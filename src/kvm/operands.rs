@@ -41,8 +41,33 @@ pub(crate) struct CpuState<'a> {
     pub long64: bool,
     /// Vector and mask registers, for instructions that [`need_vectors`].
     pub vectors: Option<&'a VectorRegs>,
-    /// XCR0, for the XSAVE family.
+    /// XCR0 as the vCPU has it (`KVM_GET_XCRS`), for the XSAVE family.
     pub xcr0: u64,
+    /// Components the CPU may save beyond `xcr0`: where the host runs
+    /// guest user code with its own XCR0 (PVM: a guest whose VMM left XCR0
+    /// at x87 still saves AVX state), the host process's XCR0 ([`host_xcr0`]).
+    pub xcr0_extra: u64,
+}
+
+/// The XCR0 of this (the VMM's) process, 0 if the OS has not enabled XSAVE.
+pub(crate) fn host_xcr0() -> u64 {
+    static XCR0: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *XCR0.get_or_init(|| {
+        // CPUID.1:ECX.OSXSAVE[27]: xgetbv is available.
+        // SAFETY: cpuid has no preconditions on x86-64.
+        let leaf1 = unsafe { std::arch::x86_64::__cpuid(1) };
+        if leaf1.ecx & (1 << 27) == 0 {
+            return 0;
+        }
+        let (lo, hi): (u32, u32);
+        // SAFETY: OSXSAVE is set, so xgetbv with ECX = 0 is defined; it
+        // reads a register and touches no memory.
+        unsafe {
+            std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi,
+                options(nomem, nostack, preserves_flags));
+        }
+        (u64::from(hi) << 32) | u64::from(lo)
+    })
 }
 
 /// True if `instr`'s operands depend on vector or mask registers (masked
@@ -101,8 +126,11 @@ pub(crate) fn memory_accesses(instr: &Instruction, cpu: &CpuState<'_>) -> Vec<To
             continue;
         };
         if let Some(form) = xsave_form(instr.mnemonic()) {
-            let rfbm = cpu.xcr0 & ((cpu.regs.rdx << 32) | (cpu.regs.rax & 0xffff_ffff));
-            let (required, optional) = xsave_area(form, rfbm, &XSAVE_LAYOUT);
+            let mask = (cpu.regs.rdx << 32) | (cpu.regs.rax & 0xffff_ffff);
+            let (required, optional) = xsave_area(form, cpu.xcr0 & mask, &XSAVE_LAYOUT);
+            // What the CPU may also save is populated, never required.
+            let (_, wider) = xsave_area(form, (cpu.xcr0 | cpu.xcr0_extra) & mask, &XSAVE_LAYOUT);
+            let optional = optional.max(wider);
             push(&mut out, gva, required, access, true);
             if optional > required {
                 push(

@@ -39,6 +39,7 @@ fn cpu<'a>(
         long64: true,
         vectors,
         xcr0: 0,
+        xcr0_extra: 0,
     }
 }
 
@@ -245,6 +246,26 @@ fn xsave_instructions_are_sized_from_xcr0_and_edx_eax() {
         assert_eq!(
             got,
             vec![(r.rdi, 576, access, true)],
+            "{:?}",
+            instr.mnemonic()
+        );
+        // The vCPU's XCR0 lacks AVX but the CPU runs guest code with the
+        // host's (PVM): the AVX part is populated, not required.
+        let r = kvm_regs {
+            rax: 0b111,
+            rdx: 0,
+            ..regs()
+        };
+        let mut c = cpu(&r, &s, None);
+        c.xcr0 = 0b11;
+        c.xcr0_extra = 0b111;
+        let got = touches(&memory_accesses(&instr, &c));
+        assert_eq!(
+            got,
+            vec![
+                (r.rdi, 576, access, true),
+                (r.rdi + 576, avx_end as u32 - 576, access, false)
+            ],
             "{:?}",
             instr.mnemonic()
         );
