@@ -298,7 +298,7 @@ mod tests {
         ] {
             assert!(names.contains(&want), "guest {want} missing from {names:?}");
         }
-        for g in GUESTS {
+        for g in GUESTS.iter().chain(OPEN_BUGS) {
             assert!(!g.image.is_empty(), "{}: empty image", g.name);
             assert!(
                 g.image.len() as u64 <= CODE_MAX_SIZE,
@@ -308,6 +308,8 @@ mod tests {
         }
         assert_eq!(find("smp").map(|g| g.vcpus), Some(4));
         assert!(find("nope").is_none());
+        assert!(find("adv_xsavewide").is_some(), "find knows OPEN_BUGS");
+        assert!(!GUESTS.iter().any(|g| g.name == "adv_xsavewide"));
     }
 
     #[test]
