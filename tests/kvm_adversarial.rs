@@ -108,6 +108,11 @@ fn avx_memset_over_fresh_ram() {
 }
 
 #[test]
+fn avx512_stores_masks_scatter_gather() {
+    passes_in_every_mode("adv_avx512", &all_modes());
+}
+
+#[test]
 fn straddling_accesses() {
     passes_in_every_mode("adv_straddle", &all_modes());
 }

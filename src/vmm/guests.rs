@@ -143,6 +143,15 @@ pub const GUESTS: &[Guest] = &[
         )
     },
     Guest {
+        min_ram: 72 * MIB,
+        unsupported_exit: Some(100),
+        ..guest(
+            "adv_avx512",
+            image!("adv_avx512"),
+            "adversarial: AVX-512 zmm stores, {k} stores past the end of RAM, scatter/gather",
+        )
+    },
+    Guest {
         min_ram: 64 * MIB,
         unsupported_exit: Some(100),
         ..guest(
