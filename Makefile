@@ -3,7 +3,7 @@ CARGO ?= cargo
 # tinyvmm, the guests and their tests live behind the `vmm` feature (see Cargo.toml).
 FEATURES ?= --features vmm
 
-.PHONY: all run test bench lint guests embed-check linux clean
+.PHONY: all run test stress bench lint guests embed-check linux clean
 
 all: test
 
@@ -17,6 +17,11 @@ run:
 test: embed-check
 	$(CARGO) test $(FEATURES) --all-targets --no-fail-fast
 	$(CARGO) test $(FEATURES) --doc
+
+## The adversarial guests' stress loops: every multi-vCPU guest 20 times in a
+## row lazily and with 4 KiB windows, W4 for the AVX memset too (a few minutes).
+stress:
+	GUESTMM_STRESS_RUNS=20 $(CARGO) test $(FEATURES) --release --test kvm_adversarial -- --nocapture --test-threads 1
 
 ## A scratch crate depending on guestmm (default features) builds with `as`
 ## and `objcopy` made to fail: the library needs no guest toolchain.
