@@ -33,7 +33,7 @@
 //!   --initrd FILE            initial ramdisk
 //!   --pvh                    enter through PVH instead of the 64-bit boot protocol
 //!   --stop-at TEXT           stop once the console printed TEXT
-//!   --keep-cx16              leave CX16 in CPUID (see guestmm::vmm::linux)
+//!   --keep-cpuid             leave CX16 and SMAP in CPUID (see guestmm::vmm::linux)
 //!   (--ram-mib defaults to 256, --timeout-s to 600; --eager and the
 //!   fault-around options apply)
 //!
@@ -68,7 +68,7 @@ const USAGE: &str = "usage: tinyvmm [--ram-mib N] [--vcpus N] [--fault-around-ki
 [--timeout-s N] [--image FILE [--template-kib N] [--expect-violations N] [--ends-in-violation]] \
 [--stats] [--json] [--list] [-v|-vv] [GUEST|all]...
        tinyvmm --kernel VMLINUX [--cmdline TEXT] [--initrd FILE] [--pvh] [--stop-at TEXT] \
-[--keep-cx16] [--ram-mib N] [--eager] [--timeout-s N] [-v|-vv]";
+[--keep-cpuid] [--ram-mib N] [--eager] [--timeout-s N] [-v|-vv]";
 
 fn parse() -> Result<Args, String> {
     let mut a = Args {
@@ -127,7 +127,7 @@ fn parse() -> Result<Args, String> {
             }
             "--pvh" => linux(&mut a).protocol = BootProtocol::Pvh,
             "--stop-at" => linux(&mut a).stop_at = Some(it.next().ok_or("--stop-at needs text")?),
-            "--keep-cx16" => linux(&mut a).clear_cx16 = false,
+            "--keep-cpuid" => linux(&mut a).cpl0_workarounds = false,
             "--image" => a
                 .images
                 .push(it.next().ok_or("--image needs a file")?.to_string()),

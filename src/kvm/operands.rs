@@ -54,7 +54,9 @@ pub(crate) fn host_xcr0() -> u64 {
     static XCR0: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *XCR0.get_or_init(|| {
         // CPUID.1:ECX.OSXSAVE[27]: xgetbv is available.
-        // SAFETY: cpuid has no preconditions on x86-64.
+        // SAFETY: cpuid has no preconditions on x86-64 (a safe function
+        // since Rust 1.87; `unsafe` keeps older toolchains building).
+        #[allow(unused_unsafe)]
         let leaf1 = unsafe { std::arch::x86_64::__cpuid(1) };
         if leaf1.ecx & (1 << 27) == 0 {
             return 0;

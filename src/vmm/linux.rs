@@ -12,9 +12,10 @@
 //! rest faults in on first touch) or precommitted with `eager`.
 //!
 //! On hosts that emulate guest CPL0 code (PVM), the host cannot emulate
-//! `cmpxchg16b` or `xrstor` for the guest: [`LinuxOptions::default`] clears
-//! CX16 in CPUID and passes `noxsave`, and an `int3` the host cannot run
-//! is delivered to the guest as `#BP` (the kernel's own int3 self-test).
+//! `cmpxchg16b`, `xrstor` or `clac`/`stac` for the guest:
+//! [`LinuxOptions::default`] clears CX16 and SMAP in CPUID and passes
+//! `noxsave`, and an `int3` the host cannot run is delivered to the guest
+//! as `#BP` (the kernel's own int3 self-test).
 
 use std::fs::File;
 use std::io::Write;
@@ -80,6 +81,7 @@ const COM1_BASE: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
 
 const CPUID1_ECX_CX16: u32 = 1 << 13;
+const CPUID7_EBX_SMAP: u32 = 1 << 20;
 const CPUID1_ECX_HYPERVISOR: u32 = 1 << 31;
 
 /// The command line passed when none is given: a serial console from the
@@ -112,8 +114,9 @@ pub struct LinuxOptions {
     pub eager: bool,
     /// Entry point.
     pub protocol: BootProtocol,
-    /// Clear CX16 in CPUID (see the module docs).
-    pub clear_cx16: bool,
+    /// Clear CX16 and SMAP in CPUID, whose instructions hosts that emulate
+    /// guest CPL0 code cannot run (see the module docs).
+    pub cpl0_workarounds: bool,
     /// First and largest fault-around window.
     pub fault_around: u64,
     /// Largest fault-around window.
@@ -136,7 +139,7 @@ impl Default for LinuxOptions {
             ram_size: 256 * MIB,
             eager: false,
             protocol: BootProtocol::Linux64,
-            clear_cx16: true,
+            cpl0_workarounds: true,
             fault_around: space.fault_around,
             fault_around_max: space.fault_around_max,
             stop_at: None,
@@ -552,10 +555,11 @@ fn setup_vcpu(vcpu: &VcpuFd, kvm: &Kvm, opts: &LinuxOptions, entry: u64) -> Resu
             1 => {
                 e.ebx &= 0x00ff_ffff; // APIC id 0
                 e.ecx |= CPUID1_ECX_HYPERVISOR;
-                if opts.clear_cx16 {
+                if opts.cpl0_workarounds {
                     e.ecx &= !CPUID1_ECX_CX16;
                 }
             }
+            7 if e.index == 0 && opts.cpl0_workarounds => e.ebx &= !CPUID7_EBX_SMAP,
             0xb | 0x1f => e.edx = 0,
             _ => {}
         }
