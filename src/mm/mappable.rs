@@ -201,6 +201,18 @@ pub trait MappingSpace: Send + Sync {
     /// next access translates again. Private (copied) pages stay unless
     /// `private_too`.
     fn invalidate(&self, range: GuestRange, private_too: bool);
+
+    /// `object`, mapped somewhere in `range` (guest-physical), shrank to
+    /// `size` bytes: drops every pma there whose object offset is at or past
+    /// `size`, private copy-on-write copies included, so later accesses are
+    /// bus errors (Linux's truncate unmaps private copies past the new end
+    /// too; hole punching keeps them, see [`invalidate`](Self::invalidate)).
+    ///
+    /// The default drops everything in `range`, private pages included.
+    fn truncated(&self, object: &dyn Mappable, range: GuestRange, size: u64) {
+        let _ = (object, size);
+        self.invalidate(range, true);
+    }
 }
 
 /// An object a vma can map (other than anonymous memory).

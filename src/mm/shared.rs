@@ -103,7 +103,10 @@ impl SharedMemory {
     }
 
     /// Changes the object's size; pages past a smaller size are dropped and
-    /// their mappers invalidated (later accesses there are bus errors).
+    /// every mapping of them goes, private copy-on-write copies included
+    /// (later accesses there are bus errors, as on Linux; growing again
+    /// shows zeros). Unlike [`decommit`](Self::decommit), which keeps
+    /// private copies as hole punching does.
     pub fn truncate(&self, new_size: u64) -> Result<(), FileError> {
         if new_size % PAGE_SIZE != 0 {
             return Err(FileError::BadSize { size: new_size });
@@ -119,7 +122,15 @@ impl SharedMemory {
             let gone = Range::new_unchecked(new_size, old);
             (s.pages.remove_range(gone), s.mappers.affected(gone))
         };
-        self.release(dropped, &affected)
+        // Private copies past the end go too: each space drops what its
+        // vmas of this object show past `new_size`, checked against its own
+        // vmas (a mapper record may be stale by now).
+        for (space, guest) in &affected {
+            if let Some(space) = space.upgrade() {
+                space.truncated(self, *guest, new_size);
+            }
+        }
+        self.drop_refs(dropped)
     }
 
     /// Invalidates the mappers of pages just removed from the object, then
@@ -134,6 +145,11 @@ impl SharedMemory {
         affected: &[(Weak<dyn MappingSpace>, GuestRange)],
     ) -> Result<(), FileError> {
         invalidate_all(affected);
+        self.drop_refs(dropped)
+    }
+
+    /// Drops the object's references on pages it no longer holds.
+    fn drop_refs(&self, dropped: Vec<(Range, Backing)>) -> Result<(), FileError> {
         for (r, b) in dropped {
             self.memfile
                 .dec_ref(Range::new_unchecked(b.file_offset, b.file_offset + r.len()))?;
