@@ -71,8 +71,8 @@ use std::time::Instant;
 
 use guestmm::memfile::{MemoryFile, MemoryFileOptions};
 use guestmm::mm::{
-    check_file_refs, AddressSpace, AddressSpaceOptions, FaultError, FileError, MapOpts, MmError,
-    RecordingBackend, SharedMemory,
+    check_file_refs, AddressSpace, AddressSpaceOptions, FaultError, FileError, IoOpts, MapOpts,
+    MmError, RecordingBackend, SharedMemory,
 };
 use guestmm::{Access, Perms, Range};
 
@@ -152,6 +152,27 @@ enum Step {
         at: u64,
         len: u64,
         byte: u8,
+    },
+    /// A host write inside one page that ignores guest protections
+    /// (`IoOpts::FORCE` / a write to `/proc/<pid>/mem`, which forces).
+    ForcedWrite {
+        space: usize,
+        at: u64,
+        len: u64,
+        byte: u8,
+    },
+    /// A forced host read (may span pages).
+    ForcedRead {
+        space: usize,
+        at: u64,
+        len: u64,
+    },
+    /// `MADV_REMOVE` over shared object mappings /
+    /// `SharedMemory::decommit` of the object pages they show.
+    Remove {
+        space: usize,
+        start: u64,
+        pages: u64,
     },
     /// A guest access inside one page.
     Guest {
@@ -244,11 +265,27 @@ fn random_step(rng: &mut Rng) -> Step {
             at,
             len: rng.range(1, 3 * PS).min(PAGES * PS - at),
         },
-        66..=78 => Step::HostWrite {
+        66..=72 => Step::HostWrite {
             space,
             at,
             len: in_page(rng),
             byte: rng.next() as u8,
+        },
+        73..=75 => Step::ForcedWrite {
+            space,
+            at,
+            len: in_page(rng),
+            byte: rng.next() as u8,
+        },
+        76..=77 => Step::ForcedRead {
+            space,
+            at,
+            len: rng.range(1, 3 * PS).min(PAGES * PS - at),
+        },
+        78..=80 => Step::Remove {
+            space,
+            start,
+            pages: short,
         },
         _ => Step::Guest {
             space,
@@ -366,42 +403,51 @@ fn pipe() -> (OwnedFd, OwnedFd) {
 struct Linux {
     window: u64,
     memfds: Vec<OwnedFd>,
+    /// An empty memfd behind the placeholders of unmapped pages.
+    hole: OwnedFd,
     child: Option<Child>,
 }
 
 impl Linux {
     fn new() -> Linux {
-        // SAFETY: a fresh private reservation; only this test uses it.
+        let memfd = |name: &str, pages: u64| {
+            let name = std::ffi::CString::new(name).unwrap();
+            // SAFETY: a valid C string; the fd is ours.
+            let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+            // SAFETY: fresh descriptor.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: plain ftruncate of our memfd.
+            assert_eq!(
+                unsafe { libc::ftruncate(fd.as_raw_fd(), (pages * PS) as i64) },
+                0
+            );
+            fd
+        };
+        // "Unmapped" pages are a shared PROT_NONE mapping of an empty
+        // memfd: the range stays reserved, and even forced accesses fail
+        // (reads are past the file's end, writes to a shared mapping
+        // without write are refused).
+        let hole = memfd("oracle-hole", 0);
+        // SAFETY: a fresh reservation; only this test uses it.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 (PAGES * PS) as usize,
                 libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
+                libc::MAP_SHARED,
+                hole.as_raw_fd(),
                 0,
             )
         };
         assert_ne!(p, libc::MAP_FAILED, "reserving the window");
         let memfds = (0..OBJS)
-            .map(|i| {
-                let name = std::ffi::CString::new(format!("oracle-{i}")).unwrap();
-                // SAFETY: a valid C string; the fd is ours.
-                let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-                assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-                // SAFETY: fresh descriptor.
-                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                // SAFETY: plain ftruncate of our memfd.
-                assert_eq!(
-                    unsafe { libc::ftruncate(fd.as_raw_fd(), (OBJ_MAX_PAGES * PS) as i64) },
-                    0
-                );
-                fd
-            })
+            .map(|i| memfd(&format!("oracle-{i}"), OBJ_MAX_PAGES))
             .collect();
         Linux {
             window: p as u64,
             memfds,
+            hole,
             child: None,
         }
     }
@@ -455,11 +501,8 @@ impl Linux {
                 addr: self.addr(start),
                 len: pages * PS,
                 prot: libc::PROT_NONE as u64,
-                flags: (libc::MAP_PRIVATE
-                    | libc::MAP_ANONYMOUS
-                    | libc::MAP_NORESERVE
-                    | libc::MAP_FIXED) as u64,
-                fd: -1,
+                flags: (libc::MAP_SHARED | libc::MAP_FIXED) as u64,
+                fd: self.hole.as_raw_fd() as i64,
                 off: 0,
             },
         )
@@ -514,6 +557,39 @@ impl Linux {
         // SAFETY: as in `read`; the kernel writes the remote range or stops.
         let n = unsafe { libc::process_vm_writev(self.pid(space), &local, 1, &remote, 1, 0) };
         n.max(0) as usize
+    }
+}
+
+impl Linux {
+    /// `/proc/<pid>/mem` of `space`: its reads and writes force (like
+    /// ptrace), stopping at the first page they cannot reach.
+    fn proc_mem(&self, space: usize) -> std::fs::File {
+        let path = format!("/proc/{}/mem", self.pid(space));
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("opening {path}: {e}"))
+    }
+
+    fn forced_read(&self, space: usize, at: u64, buf: &mut [u8]) -> usize {
+        use std::os::unix::fs::FileExt;
+        let mem = self.proc_mem(space);
+        let mut done = 0;
+        while done < buf.len() {
+            match mem.read_at(&mut buf[done..], self.window + at + done as u64) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => done += n,
+            }
+        }
+        done
+    }
+
+    fn forced_write(&self, space: usize, at: u64, buf: &[u8]) -> usize {
+        use std::os::unix::fs::FileExt;
+        self.proc_mem(space)
+            .write_at(buf, self.window + at)
+            .unwrap_or(0)
     }
 }
 
@@ -635,13 +711,23 @@ fn inaccessible(e: &MmError) -> bool {
 
 // ----------------------------------------------------------- the runner ---
 
+/// What one page maps.
+#[derive(Clone)]
+struct PageState {
+    /// The object and object page shown, if any.
+    obj: Option<(Arc<SharedMemory>, u64)>,
+    shared: bool,
+    perms: Perms,
+}
+
 struct Pair {
     gm: Guestmm,
     lx: Linux,
     /// Faults populate more than one page (difference 7 applies).
     windowed: bool,
-    /// Pages of each space that map an object privately.
-    private_object: [[bool; PAGES as usize]; 2],
+    /// What each page of each space maps (the test's own record, to pick
+    /// steps that avoid intended differences).
+    pages: [Vec<Option<PageState>>; 2],
     /// Outcomes seen, by name (coverage: printed, and some must occur).
     seen: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -715,9 +801,23 @@ impl Pair {
                 match got {
                     Ok(_) => {
                         self.saw("map");
-                        let private_object = matches!(kind, Kind::Object { shared: false, .. });
-                        self.private_object[space][start as usize..(start + pages) as usize]
-                            .fill(private_object);
+                        let (obj, shared) = match kind {
+                            Kind::AnonPrivate => (None, false),
+                            Kind::AnonShared => {
+                                let o = self.gm.anon.last().and_then(Weak::upgrade);
+                                (o.map(|o| (o, 0)), true)
+                            }
+                            Kind::Object { obj, page, shared } => {
+                                (Some((self.gm.objs[obj].clone(), page)), shared)
+                            }
+                        };
+                        for i in 0..pages {
+                            self.pages[space][(start + i) as usize] = Some(PageState {
+                                obj: obj.as_ref().map(|(o, p)| (o.clone(), p + i)),
+                                shared,
+                                perms,
+                            });
+                        }
                     }
                     // Difference 5: Linux would map past the end.
                     Err(MmError::BadObjectRange { .. }) => {
@@ -753,7 +853,7 @@ impl Pair {
                     .unmap(gpa(start), pages * PS)
                     .map_err(|e| format!("unmap: {e}"))?;
                 self.saw("unmap");
-                self.private_object[space][start as usize..(start + pages) as usize].fill(false);
+                self.pages[space][start as usize..(start + pages) as usize].fill(None);
                 let r = self.lx.placeholder(space, start, pages);
                 if r != 0 {
                     return Err(format!("Linux placeholder mmap failed ({r})"));
@@ -771,7 +871,12 @@ impl Pair {
                     .space
                     .protect(gpa(start), pages * PS, perms)
                 {
-                    Ok(()) => self.saw("protect"),
+                    Ok(()) => {
+                        self.saw("protect");
+                        for p in &mut self.pages[space][start as usize..(start + pages) as usize] {
+                            p.as_mut().expect("protect succeeded on mapped pages").perms = perms;
+                        }
+                    }
                     Err(MmError::NotMapped { .. }) => {
                         self.saw("protect refused over a hole");
                         return Ok(());
@@ -870,12 +975,13 @@ impl Pair {
                 self.gm.spaces[1] = Some(Space { be, space });
                 self.lx.fork();
                 self.saw("fork");
-                self.private_object[1] = self.private_object[0];
+                self.pages[1] = self.pages[0].clone();
             }
             Step::DropFork if self.live(1) => {
                 self.gm.spaces[1] = None;
                 self.lx.child = None;
                 self.saw("drop fork");
+                self.pages[1].fill(None);
             }
             Step::HostRead { space, at, len } if self.live(space) => {
                 let mut a = vec![0u8; len as usize];
@@ -927,6 +1033,106 @@ impl Pair {
                     }
                 }
             }
+            Step::ForcedWrite {
+                space,
+                at,
+                len,
+                byte,
+            } if self.live(space) => {
+                let page = &self.pages[space][(at / PS) as usize];
+                if page.as_ref().is_some_and(|p| p.shared && !p.perms.write) {
+                    // Difference 4: guestmm writes it, Linux refuses.
+                    self.saw("forced write skipped: read-only shared");
+                    return Ok(());
+                }
+                let buf: Vec<u8> = (0..len).map(|i| byte ^ i as u8).collect();
+                let got = self
+                    .gm
+                    .sp(space)
+                    .space
+                    .write_with(BASE + at, &buf, IoOpts::FORCE);
+                let n = self.lx.forced_write(space, at, &buf);
+                match got {
+                    Ok(()) if n == buf.len() => self.saw("forced write ok"),
+                    Err(e) if n == 0 && inaccessible(&e) => self.saw("forced write refused"),
+                    other => {
+                        return Err(format!(
+                            "forced write {len:#x} at {:#x}: guestmm {other:?}, Linux wrote {n:#x}",
+                            BASE + at
+                        ))
+                    }
+                }
+            }
+            Step::ForcedRead { space, at, len } if self.live(space) => {
+                let mut a = vec![0u8; len as usize];
+                let got = self
+                    .gm
+                    .sp(space)
+                    .space
+                    .read_with(BASE + at, &mut a, IoOpts::FORCE);
+                let mut b = vec![0u8; len as usize];
+                let n = self.lx.forced_read(space, at, &mut b);
+                match got {
+                    Ok(()) if n == b.len() && a == b => self.saw("forced read ok"),
+                    Err(e) if n < b.len() && inaccessible(&e) => self.saw("forced read refused"),
+                    other => {
+                        return Err(format!(
+                            "forced read {len:#x} at {:#x}: guestmm {other:?}, Linux read {n:#x}, same bytes {}",
+                            BASE + at,
+                            a == b
+                        ))
+                    }
+                }
+            }
+            Step::Remove {
+                space,
+                start,
+                pages,
+            } if self.live(space) => {
+                let range = start as usize..(start + pages) as usize;
+                let targets: Option<Vec<(Arc<SharedMemory>, u64)>> = self.pages[space][range]
+                    .iter()
+                    .map(|p| match p {
+                        Some(PageState {
+                            obj: Some(o),
+                            shared: true,
+                            perms,
+                        }) if perms.write => Some(o.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                let Some(targets) = targets else {
+                    // Linux refuses MADV_REMOVE elsewhere (EACCES/EINVAL).
+                    self.saw("remove skipped: not shared writable");
+                    return Ok(());
+                };
+                for (i, (obj, page)) in targets.into_iter().enumerate() {
+                    let range = Range::new(page * PS, (page + 1) * PS).unwrap();
+                    match obj.decommit(range) {
+                        Ok(()) => self.saw("remove"),
+                        Err(FileError::BeyondEnd { .. }) => {
+                            self.saw("remove refused past the end");
+                            continue;
+                        }
+                        Err(e) => return Err(format!("object decommit: {e}")),
+                    }
+                    let r = self.lx.call(
+                        space,
+                        Call {
+                            op: OP_MADVISE,
+                            addr: self.lx.addr(start + i as u64),
+                            len: PS,
+                            prot: libc::MADV_REMOVE as u64,
+                            ..Call::default()
+                        },
+                    );
+                    if r != 0 {
+                        return Err(format!(
+                            "Linux MADV_REMOVE failed ({r}) where guestmm decommitted"
+                        ));
+                    }
+                }
+            }
             Step::Guest {
                 space,
                 at,
@@ -934,7 +1140,9 @@ impl Pair {
                 write,
                 byte,
             } if self.live(space) => {
-                if write && self.windowed && self.private_object[space][(at / PS) as usize] {
+                let page = &self.pages[space][(at / PS) as usize];
+                let private_object = page.as_ref().is_some_and(|p| p.obj.is_some() && !p.shared);
+                if write && self.windowed && private_object {
                     // Difference 7: the fault would copy its whole window.
                     self.saw("guest write skipped: window copy-on-write");
                     return Ok(());
@@ -1016,7 +1224,7 @@ fn run_steps(
         gm: Guestmm::new(window),
         lx: Linux::new(),
         windowed: window > 1,
-        private_object: [[false; PAGES as usize]; 2],
+        pages: [vec![None; PAGES as usize], vec![None; PAGES as usize]],
         seen: std::mem::take(seen),
     };
     for (i, &step) in steps.iter().enumerate() {
@@ -1124,6 +1332,10 @@ fn random_sequences_match_a_linux_process() {
             "host read refused",
             "host write ok",
             "host write refused",
+            "forced write ok",
+            "forced read ok",
+            "forced write refused",
+            "remove",
             "guest write ok",
             "guest read ok",
             "guest access refused",
