@@ -6,17 +6,20 @@
 //! that runs the same calls on its copy): maps (private anonymous, shared
 //! anonymous, a memfd / [`SharedMemory`] object mapped shared or private),
 //! unmaps, protects, `MADV_DONTNEED` (`decommit`), hole punches
-//! (`fallocate(PUNCH_HOLE)` / `SharedMemory::decommit`), `ftruncate` /
-//! `SharedMemory::truncate`, fork and the child's exit, host reads and
-//! writes (`process_vm_readv`/`process_vm_writev` against our own pid or the
-//! child's / `read`/`write`) and guest touches (the same Linux calls /
-//! `handle_fault` and then the page the backend installed, as KVM would).
+//! (`fallocate(PUNCH_HOLE)` and `MADV_REMOVE` / `SharedMemory::decommit`),
+//! `ftruncate` / `SharedMemory::truncate`, fork and the child's exit, host
+//! reads and writes (`process_vm_readv`/`process_vm_writev` against our own
+//! pid or the child's / `read`/`write`), forced ones (`/proc/<pid>/mem`,
+//! which forces like ptrace / `IoOpts::FORCE`), and guest touches (the same
+//! Linux calls / `handle_fault` and then the page the backend installed, as
+//! KVM would).
 //!
 //! After every step, every page of the window in every live space is read on
 //! both sides (`process_vm_readv`, which never faults the test process, and
 //! `AddressSpace::read`) and must agree on accessibility and contents;
 //! `check_invariants` runs on every space and `check_file_refs` over all of
-//! them. A failure names the seed and step and lists the steps so far;
+//! them. A failure names the seed and step and lists a shrunk sequence that
+//! still fails;
 //! `MM_ORACLE_SEED=<n>` replays one seed, `MM_ORACLE_SEEDS=<n>` runs more
 //! seeds, `MM_ORACLE_STEPS=<n>` changes the step count.
 //!
@@ -30,7 +33,8 @@
 //!    The test compares "accessible or not".
 //! 2. **Unmapped and `PROT_NONE` look alike here.** guestmm says which
 //!    (`NotMapped` vs `Permission`); the Linux side keeps its range reserved
-//!    with `PROT_NONE` placeholders, so only accessibility is compared.
+//!    with `PROT_NONE` shared mappings of an empty memfd (which even forced
+//!    accesses cannot reach), so only accessibility is compared.
 //! 3. **Host I/O is all or nothing.** `read_with`/`write_with`/`zero` check
 //!    the whole range first and change nothing on error; `process_vm_readv`
 //!    stops at the first inaccessible page and returns a short count. The
@@ -39,7 +43,9 @@
 //!    shared mappings of writable objects included (a VMM loads images);
 //!    Linux's `FOLL_FORCE` refuses non-writable shared mappings. A shared
 //!    mapping of an object that cannot be written (a read-only `HostFile`)
-//!    is refused even forced. The test does not force.
+//!    is refused even forced. Both force through `PROT_NONE` and read-only
+//!    private mappings alike; the test skips forced writes to read-only
+//!    shared pages.
 //! 5. **Whole-range checks.** `protect` and `decommit` over a range with an
 //!    unmapped hole fail with `NotMapped` and change nothing; Linux returns
 //!    `ENOMEM` after changing the mapped part before the hole. `map` of
@@ -53,8 +59,8 @@
 //!    a host access populates what it touches; Linux populates pages one by
 //!    one. Contents are the same either way.
 //! 7. **A guest write fault breaks copy-on-write for its whole fault-around
-//!    window** (issue 12 makes it page granular). For private anonymous
-//!    memory that is invisible; for a private mapping of an object, the
+//!    window** (until copy-on-write becomes page granular). For private
+//!    anonymous memory that is invisible; for a private mapping of an object, the
 //!    window's other pages become private copies at once and stop showing
 //!    later writes to the object through other mappings, where Linux copies
 //!    only the written page (POSIX leaves it unspecified). Host writes break
