@@ -10,7 +10,8 @@
 //! `ftruncate` / `SharedMemory::truncate`, fork and the child's exit, host
 //! reads and writes (`process_vm_readv`/`process_vm_writev` against our own
 //! pid or the child's / `read`/`write`), forced ones (`/proc/<pid>/mem`,
-//! which forces like ptrace / `IoOpts::FORCE`), and guest touches (the same
+//! which forces like ptrace / `IoOpts::FORCE`), `MADV_POPULATE_READ`/`_WRITE`
+//! / `populate`, and guest touches (the same
 //! Linux calls / `handle_fault` and then the page the backend installed, as
 //! KVM would).
 //!
@@ -180,6 +181,13 @@ enum Step {
         start: u64,
         pages: u64,
     },
+    /// `populate` / `MADV_POPULATE_READ` or `_WRITE`.
+    Populate {
+        space: usize,
+        start: u64,
+        pages: u64,
+        write: bool,
+    },
     /// A guest access inside one page.
     Guest {
         space: usize,
@@ -292,6 +300,12 @@ fn random_step(rng: &mut Rng) -> Step {
             space,
             start,
             pages: short,
+        },
+        81..=84 => Step::Populate {
+            space,
+            start,
+            pages,
+            write: rng.chance(50),
         },
         _ => Step::Guest {
             space,
@@ -1139,6 +1153,42 @@ impl Pair {
                     }
                 }
             }
+            Step::Populate {
+                space,
+                start,
+                pages,
+                write,
+            } if self.live(space) => {
+                let access = if write { Access::Write } else { Access::Read };
+                let got = self
+                    .gm
+                    .sp(space)
+                    .space
+                    .populate(gpa(start), pages * PS, access);
+                let advice = if write {
+                    libc::MADV_POPULATE_WRITE
+                } else {
+                    libc::MADV_POPULATE_READ
+                };
+                let r = self.lx.call(
+                    space,
+                    Call {
+                        op: OP_MADVISE,
+                        addr: self.lx.addr(start),
+                        len: pages * PS,
+                        prot: advice as u64,
+                        ..Call::default()
+                    },
+                );
+                match got {
+                    Ok(()) if r == 0 => self.saw("populate ok"),
+                    Err(e) if r != 0 && inaccessible(&e) => self.saw("populate refused"),
+                    other => return Err(format!(
+                        "populate {access} of {pages} pages at {:#x}: guestmm {other:?}, Linux {r}",
+                        gpa(start)
+                    )),
+                }
+            }
             Step::Guest {
                 space,
                 at,
@@ -1342,6 +1392,8 @@ fn random_sequences_match_a_linux_process() {
             "forced read ok",
             "forced write refused",
             "remove",
+            "populate ok",
+            "populate refused",
             "guest write ok",
             "guest read ok",
             "guest access refused",
