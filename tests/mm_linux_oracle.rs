@@ -1183,10 +1183,12 @@ impl Pair {
                 match got {
                     Ok(()) if r == 0 => self.saw("populate ok"),
                     Err(e) if r != 0 && inaccessible(&e) => self.saw("populate refused"),
-                    other => return Err(format!(
+                    other => {
+                        return Err(format!(
                         "populate {access} of {pages} pages at {:#x}: guestmm {other:?}, Linux {r}",
                         gpa(start)
-                    )),
+                    ))
+                    }
                 }
             }
             Step::Guest {

@@ -382,3 +382,54 @@ fn populate_read_and_write_past_an_objects_end_change_nothing() {
     space.check_invariants().unwrap();
     guestmm::mm::check_file_refs(&mf, &[&space], &[&obj]).unwrap();
 }
+
+/// A mapper that, when told of a truncation, forks `parent`: a fork that
+/// lands after `truncate` collected its mappers and before it told the
+/// parent.
+struct ForkOnTruncate {
+    parent: Arc<guestmm::mm::AddressSpace>,
+    child: std::sync::Mutex<Option<Arc<guestmm::mm::AddressSpace>>>,
+}
+
+impl guestmm::mm::MappingSpace for ForkOnTruncate {
+    fn invalidate(&self, _: guestmm::GuestRange, _: bool) {}
+    fn truncated(&self, _: &dyn guestmm::mm::Mappable, _: guestmm::GuestRange, _: u64) {
+        let mut child = self.child.lock().unwrap();
+        if child.is_none() {
+            *child = Some(self.parent.fork(Arc::new(RecordingBackend::new())).unwrap());
+        }
+    }
+}
+
+#[test]
+fn a_fork_racing_a_truncate_keeps_no_private_copy_past_the_end() {
+    use guestmm::mm::Mappable;
+    let (mf, _be, parent) = setup("regressions");
+    let obj = guestmm::mm::SharedMemory::new(mf.clone(), 4 * PS).unwrap();
+    // Recorded first, so it is told first.
+    let racer = Arc::new(ForkOnTruncate {
+        parent: parent.clone(),
+        child: Default::default(),
+    });
+    let weak = Arc::downgrade(&racer) as std::sync::Weak<dyn guestmm::mm::MappingSpace>;
+    let range = guestmm::Range::new(0, 4 * PS).unwrap();
+    obj.add_mapping(weak, u64::MAX, range, 0);
+    let gpa = parent
+        .map(MapOpts::object(obj.clone(), 0, 4 * PS).fixed(1 << 30))
+        .unwrap();
+    parent.write(gpa + PS, &[0xA1; 8]).unwrap();
+    obj.truncate(PS).unwrap();
+    let child = racer.child.lock().unwrap().clone().expect("forked");
+    // The child inherited the parent's copy of page 1 before the parent was
+    // told; it used to keep it.
+    assert_eq!(first_bytes(&child, gpa, 2), vec![Some(0), None]);
+    assert_eq!(first_bytes(&parent, gpa, 2), vec![Some(0), None]);
+    child.check_invariants().unwrap();
+    guestmm::mm::check_file_refs(&mf, &[&parent, &child], &[&obj]).unwrap();
+    // Unreachable while the object is short, but it showed again (the old
+    // bytes) once the object grew back.
+    obj.truncate(4 * PS).unwrap();
+    assert_eq!(first_bytes(&child, gpa, 2), vec![Some(0), Some(0)]);
+    assert_eq!(first_bytes(&parent, gpa, 2), vec![Some(0), Some(0)]);
+    obj.remove_mapping(u64::MAX, range, 0);
+}

@@ -326,9 +326,23 @@ impl MapperList {
 
     /// The (space, guest range) pairs that show object offsets `objr`.
     pub(crate) fn affected(&self, objr: Range) -> Vec<(Weak<dyn MappingSpace>, GuestRange)> {
+        self.affected_by_id(objr)
+            .into_iter()
+            .map(|(_, space, g)| (space, g))
+            .collect()
+    }
+
+    /// As [`affected`](Self::affected), with each space's id.
+    pub(crate) fn affected_by_id(
+        &self,
+        objr: Range,
+    ) -> Vec<(u64, Weak<dyn MappingSpace>, GuestRange)> {
         self.mappers
             .iter()
-            .filter_map(|m| m.guest_range_of(objr).map(|g| (m.space.clone(), g)))
+            .filter_map(|m| {
+                m.guest_range_of(objr)
+                    .map(|g| (m.space_id, m.space.clone(), g))
+            })
             .collect()
     }
 

@@ -113,21 +113,38 @@ impl SharedMemory {
         }
         // Shrink and drop the pages in one critical section, so a racing
         // translate cannot allocate past the new end in between.
-        let (dropped, affected) = {
+        let (dropped, gone) = {
             let mut s = self.lock();
             let old = std::mem::replace(&mut s.size, new_size);
             if new_size >= old {
                 return Ok(());
             }
             let gone = Range::new_unchecked(new_size, old);
-            (s.pages.remove_range(gone), s.mappers.affected(gone))
+            (s.pages.remove_range(gone), gone)
         };
         // Private copies past the end go too: each space drops what its
         // vmas of this object show past `new_size`, checked against its own
-        // vmas (a mapper record may be stale by now).
-        for (space, guest) in &affected {
-            if let Some(space) = space.upgrade() {
-                space.truncated(self, *guest, new_size);
+        // vmas (a mapper record may be stale by now). A space forked from
+        // one before that one was told inherits its copies; fork records the
+        // child as a mapper before the parent can be told, so asking again
+        // until no new mapper appears reaches every copy.
+        let mut told: Vec<(u64, GuestRange)> = Vec::new();
+        loop {
+            let fresh: Vec<_> = self
+                .lock()
+                .mappers
+                .affected_by_id(gone)
+                .into_iter()
+                .filter(|(id, _, g)| !told.contains(&(*id, *g)))
+                .collect();
+            if fresh.is_empty() {
+                break;
+            }
+            for (id, space, guest) in fresh {
+                if let Some(space) = space.upgrade() {
+                    space.truncated(self, guest, new_size);
+                }
+                told.push((id, guest));
             }
         }
         self.drop_refs(dropped)
