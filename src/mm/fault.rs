@@ -214,8 +214,27 @@ impl AddressSpace {
                 allowed: region.perms,
             });
         }
+        // Fault-around stops at the object's end: pages past it are bus
+        // errors of their own and must not fail a fault inside it.
+        let mut bounds = region.range.intersect(vr);
+        if let Some(m) = &vma.mappable {
+            let size = m.size();
+            let end = vr.start().saturating_add(size.saturating_sub(vma.offset));
+            if gpa >= end {
+                let offset = vma.object_offset(vr, page_round_down(gpa));
+                return Err(FaultError::Bus {
+                    gpa,
+                    access,
+                    source: FileError::BeyondEnd {
+                        range: Range::new_unchecked(offset, offset + crate::PAGE_SIZE),
+                        size,
+                    },
+                });
+            }
+            bounds = Range::new_unchecked(bounds.start(), bounds.end().min(end));
+        }
         let mut active = self.lock_active();
-        let window = active.fault_around.window(gpa, region.range.intersect(vr));
+        let window = active.fault_around.window(gpa, bounds);
         Counters::add(&self.counters.windows, 1);
         let report = self
             .ensure_pmas_locked(&mut active, vr, vma, window, access)
@@ -244,9 +263,14 @@ impl AddressSpace {
     /// Use it before starting vCPUs that update copy-on-write memory with
     /// locked instructions: see the atomicity note in the crate README.
     ///
-    /// Errors (nothing changes): a bad range, a part of it unmapped, or a
-    /// protection that forbids `access`. Out of memory or slots part-way
-    /// leaves what was populated.
+    /// Errors, checked before anything is populated (nothing changes): a bad
+    /// range, a part of it unmapped, a protection that forbids `access`,
+    /// object offsets past the object's end, or a shared mapping whose
+    /// object does not allow `access`. Errors while populating (out of
+    /// memory, out of slots, a failing object): vmas before the failing one
+    /// stay populated and installed, the failing one keeps the pages
+    /// populated (and copy-on-write copies made) before the failure,
+    /// uninstalled; contents are unchanged either way.
     pub fn populate(&self, gpa: u64, len: u64, access: Access) -> Result<(), MmError> {
         let range = Range::pages(gpa, len)?;
         self.check_in_space(range)?;

@@ -4,8 +4,9 @@
 
 use std::sync::Arc;
 
-use super::mappable::File;
+use super::mappable::{File, FileError};
 use super::{ActiveState, AddressSpace, MappingState, MmError};
+use crate::memfile::HostSlice;
 use crate::perms::Access;
 use crate::range::{align_up, page_round_down, FileRange, GuestRange, Range, PAGE_SIZE};
 
@@ -65,14 +66,22 @@ impl AddressSpace {
 
     /// Reads guest memory at `gpa` into `buf`.
     ///
-    /// Errors: the range is not fully mapped, a protection forbids reading
-    /// (unless `opts.ignore_permissions`), or populating failed. Unpopulated
-    /// pages are populated (anonymous ones read as zeros).
+    /// Unpopulated pages are populated (anonymous ones read as zeros).
+    ///
+    /// Errors, checked before anything is populated (so nothing changes):
+    /// the range is not fully mapped; a protection forbids reading (unless
+    /// `opts.ignore_permissions`); part of it maps object offsets past the
+    /// object's end; a shared mapping's object does not allow the access.
+    /// Errors while populating (out of memory, a backend or object failure):
+    /// the pages populated before the failure stay populated, and installed
+    /// where their copy-on-write was broken; their contents are what they
+    /// were, and no byte is read or written.
     pub fn read_with(&self, gpa: u64, buf: &mut [u8], opts: IoOpts) -> Result<(), MmError> {
-        self.with_pieces(gpa, buf.len(), Access::Read, opts, |p| {
-            let mut at = p.buf_offset;
-            for s in p.file.map_internal(p.file_range(), Access::Read)? {
-                at += s.copy_to(&mut buf[at..p.buf_offset + p.len]);
+        self.with_all_pieces(gpa, buf.len(), Access::Read, opts, |pieces| {
+            // Map every piece before copying: a failure copies nothing.
+            let mapped = map_pieces(pieces, Access::Read, usize::MAX)?;
+            for (at, s) in mapped {
+                s.copy_to(&mut buf[at..at + s.len()]);
             }
             Ok(())
         })
@@ -85,31 +94,37 @@ impl AddressSpace {
 
     /// Writes `buf` to guest memory at `gpa`, breaking copy-on-write first.
     ///
-    /// Errors as for [`read_with`](Self::read_with).
+    /// All or nothing: errors as for [`read_with`](Self::read_with), and on
+    /// any error no byte is written. `opts.ignore_permissions` writes
+    /// read-only guest memory, but not a shared mapping of an object that
+    /// cannot be written (a read-only [`HostFile`](super::HostFile)).
     pub fn write_with(&self, gpa: u64, buf: &[u8], opts: IoOpts) -> Result<(), MmError> {
-        self.with_pieces(gpa, buf.len(), Access::Write, opts, |p| {
-            let mut at = p.buf_offset;
-            for s in p.file.map_internal(p.file_range(), Access::Write)? {
-                at += s.copy_from(&buf[at..p.buf_offset + p.len]);
+        self.with_all_pieces(gpa, buf.len(), Access::Write, opts, |pieces| {
+            let mapped = map_pieces(pieces, Access::Write, usize::MAX)?;
+            for (at, s) in mapped {
+                s.copy_from(&buf[at..at + s.len()]);
             }
             Ok(())
         })
     }
 
     /// Writes zeros over `len` bytes at `gpa` (respecting protections unless
-    /// `opts.ignore_permissions`).
+    /// `opts.ignore_permissions`). All or nothing, as
+    /// [`write_with`](Self::write_with).
     pub fn zero(&self, gpa: u64, len: u64, opts: IoOpts) -> Result<(), MmError> {
-        // Check (and populate) the whole range first, so a bad range fails
-        // before the first chunk is written.
-        self.with_pieces(gpa, len as usize, Access::Write, opts, |_| Ok(()))?;
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.write_with(gpa + done, &zeros[..n], opts)?;
-            done += n as u64;
-        }
-        Ok(())
+        const CHUNK: usize = 1 << 20;
+        let len = usize::try_from(len).map_err(|_| MmError::OutOfSpace {
+            range: GuestRange::new_unchecked(gpa, gpa),
+            limit: self.opts.size,
+        })?;
+        self.with_all_pieces(gpa, len, Access::Write, opts, |pieces| {
+            let mapped = map_pieces(pieces, Access::Write, CHUNK)?;
+            let zeros = vec![0u8; len.min(CHUNK)];
+            for (_, s) in mapped {
+                s.copy_from(&zeros[..s.len()]);
+            }
+            Ok(())
+        })
     }
 
     /// Populates `[gpa, gpa + len)` for `access` and holds a reference on its
@@ -124,12 +139,21 @@ impl AddressSpace {
             page_round_down(gpa),
             align_up(gpa.saturating_add(len), PAGE_SIZE).unwrap_or(u64::MAX) - page_round_down(gpa),
         )?;
-        let mut held = Vec::new();
-        self.with_pieces(range.start(), range.len() as usize, access, opts, |p| {
+        let mut held: super::PinnedPages = Vec::new();
+        let pinned = self.with_pieces(range.start(), range.len() as usize, access, opts, |p| {
             p.file.inc_ref(p.file_range())?;
             held.push((p.file.clone(), p.file_range()));
             Ok(())
-        })?;
+        });
+        if let Err(e) = pinned {
+            // Give back what was taken before the failure.
+            for (file, fr) in held {
+                if let Err(e) = file.dec_ref(fr) {
+                    log::error!("space {}: releasing a failed pin's {fr}: {e}", self.id);
+                }
+            }
+            return Err(e);
+        }
         let mut active = self.lock_active();
         let id = active.next_pin;
         active.next_pin += 1;
@@ -157,11 +181,8 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// Calls `f` on the file pieces backing `len` bytes at `gpa`, populated
-    /// for `access`, with the locks held so no piece is freed meanwhile.
-    ///
-    /// Everything is checked before anything is populated: an unmapped or
-    /// protected byte fails the whole call.
+    /// Calls `f` on each file piece backing `len` bytes at `gpa`, as
+    /// [`with_all_pieces`](Self::with_all_pieces).
     pub(crate) fn with_pieces(
         &self,
         gpa: u64,
@@ -169,6 +190,29 @@ impl AddressSpace {
         access: Access,
         opts: IoOpts,
         mut f: impl FnMut(&Piece) -> Result<(), MmError>,
+    ) -> Result<(), MmError> {
+        self.with_all_pieces(gpa, len, access, opts, |pieces| {
+            pieces.iter().try_for_each(&mut f)
+        })
+    }
+
+    /// Calls `f` once with the file pieces backing `len` bytes at `gpa`,
+    /// populated for `access`, with the locks held so no piece is freed
+    /// meanwhile.
+    ///
+    /// Everything [`check_io_locked`](Self::check_io_locked) checks is
+    /// checked before anything is populated: an unmapped or protected byte,
+    /// or one past its object's end, fails the whole call with nothing
+    /// changed. Populating itself can still fail (out of memory, a backend
+    /// or object failure); what populating did before that stays, and `f`
+    /// is not called.
+    pub(crate) fn with_all_pieces(
+        &self,
+        gpa: u64,
+        len: usize,
+        access: Access,
+        opts: IoOpts,
+        f: impl FnOnce(&[Piece]) -> Result<(), MmError>,
     ) -> Result<(), MmError> {
         if len == 0 {
             return Ok(());
@@ -195,11 +239,22 @@ impl AddressSpace {
             }
             collect_pieces_locked(&active, part.intersect(range), range.start(), &mut out);
         }
-        out.iter().try_for_each(&mut f)
+        f(&out)
     }
 
+    /// Checks everything about an access of `access` to `range` (bytes;
+    /// `pages` is it rounded out to pages) that does not need populating:
+    /// - every page is mapped (else [`MmError::NotMapped`]);
+    /// - the protection allows `access`, unless `opts.ignore_permissions`
+    ///   ([`MmError::Permission`]);
+    /// - object pages lie inside the object
+    ///   ([`FileError::BeyondEnd`]: a bus error for the guest);
+    /// - a shared mapping's object allows `access`, whatever `opts` says
+    ///   ([`FileError::Access`]: a read-only [`HostFile`](super::HostFile)
+    ///   cannot be written through, even by a forced write).
+    ///
     /// # Preconditions
-    /// - `mapping` is locked.
+    /// - `mapping` is locked; `active` is not held (object sizes are read).
     pub(super) fn check_io_locked(
         &self,
         mapping: &MappingState,
@@ -211,23 +266,70 @@ impl AddressSpace {
         if let Some(gap) = mapping.vmas.gaps(pages).next() {
             return Err(MmError::NotMapped { range, gap });
         }
-        if opts.ignore_permissions {
-            return Ok(());
-        }
         for (vr, vma) in mapping.vmas.iter_range(pages) {
-            for region in vma.protection.regions(vr, vr.intersect(pages)) {
-                if !region.perms.allows(access) {
-                    let gpa = region.range.start().max(range.start());
-                    return Err(MmError::Permission {
-                        gpa,
-                        access,
-                        allowed: region.perms,
-                    });
+            let part = vr.intersect(pages);
+            if !opts.ignore_permissions {
+                for region in vma.protection.regions(vr, part) {
+                    if !region.perms.allows(access) {
+                        let gpa = region.range.start().max(range.start());
+                        return Err(MmError::Permission {
+                            gpa,
+                            access,
+                            allowed: region.perms,
+                        });
+                    }
                 }
+            }
+            let Some(m) = &vma.mappable else { continue };
+            let objr = Range::new_unchecked(
+                vma.object_offset(vr, part.start()),
+                vma.object_offset(vr, part.end()),
+            );
+            let size = m.size();
+            if objr.end() > size {
+                let beyond = Range::new_unchecked(objr.start().max(size), objr.end());
+                return Err(FileError::BeyondEnd {
+                    range: beyond,
+                    size,
+                }
+                .into());
+            }
+            let allowed = m.max_perms();
+            if !vma.private && !allowed.allows(access) {
+                return Err(FileError::Access { access, allowed }.into());
             }
         }
         Ok(())
     }
+}
+
+/// Host slices of every piece (each at most `chunk` bytes), with the
+/// buffer offset each starts at: everything that can fail before the first
+/// byte is copied.
+fn map_pieces(
+    pieces: &[Piece],
+    access: Access,
+    chunk: usize,
+) -> Result<Vec<(usize, HostSlice<'_>)>, MmError> {
+    let mut out = Vec::new();
+    for p in pieces {
+        let mut done = 0;
+        while done < p.len {
+            let n = (p.len - done).min(chunk);
+            let fr = Range::new_unchecked(
+                p.file_offset + done as u64,
+                p.file_offset + (done + n) as u64,
+            );
+            let mut at = p.buf_offset + done;
+            for s in p.file.map_internal(fr, access)? {
+                let len = s.len();
+                out.push((at, s));
+                at += len;
+            }
+            done += n;
+        }
+    }
+    Ok(out)
 }
 
 /// Appends the file pieces behind `bytes` (covered by pmas).

@@ -201,6 +201,18 @@ pub trait MappingSpace: Send + Sync {
     /// next access translates again. Private (copied) pages stay unless
     /// `private_too`.
     fn invalidate(&self, range: GuestRange, private_too: bool);
+
+    /// `object`, mapped somewhere in `range` (guest-physical), shrank to
+    /// `size` bytes: drops every pma there whose object offset is at or past
+    /// `size`, private copy-on-write copies included, so later accesses are
+    /// bus errors (Linux's truncate unmaps private copies past the new end
+    /// too; hole punching keeps them, see [`invalidate`](Self::invalidate)).
+    ///
+    /// The default drops everything in `range`, private pages included.
+    fn truncated(&self, object: &dyn Mappable, range: GuestRange, size: u64) {
+        let _ = (object, size);
+        self.invalidate(range, true);
+    }
 }
 
 /// An object a vma can map (other than anonymous memory).
@@ -314,9 +326,23 @@ impl MapperList {
 
     /// The (space, guest range) pairs that show object offsets `objr`.
     pub(crate) fn affected(&self, objr: Range) -> Vec<(Weak<dyn MappingSpace>, GuestRange)> {
+        self.affected_by_id(objr)
+            .into_iter()
+            .map(|(_, space, g)| (space, g))
+            .collect()
+    }
+
+    /// As [`affected`](Self::affected), with each space's id.
+    pub(crate) fn affected_by_id(
+        &self,
+        objr: Range,
+    ) -> Vec<(u64, Weak<dyn MappingSpace>, GuestRange)> {
         self.mappers
             .iter()
-            .filter_map(|m| m.guest_range_of(objr).map(|g| (m.space.clone(), g)))
+            .filter_map(|m| {
+                m.guest_range_of(objr)
+                    .map(|g| (m.space_id, m.space.clone(), g))
+            })
             .collect()
     }
 

@@ -376,6 +376,12 @@ impl MappingSpace for AddressSpace {
             log::error!("invalidate {range} of space {}: {e}", self.id);
         }
     }
+
+    fn truncated(&self, object: &dyn Mappable, range: GuestRange, size: u64) {
+        if let Err(e) = self.drop_past_object_end(object, range, size) {
+            log::error!("truncation of {range} in space {}: {e}", self.id);
+        }
+    }
 }
 
 impl Drop for AddressSpace {

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::mappable::{file_copy, File, FileError};
+use super::mappable::{file_copy, File, FileError, Mappable};
 use super::vma::Vma;
 use super::{ActiveState, AddressSpace, Counters, MappingState, MmError};
 use crate::memfile::MemoryKind;
@@ -418,6 +418,40 @@ impl AddressSpace {
                 self.backend.remove(r)?;
                 release(&self.private_refs, r, &pma)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Drops every pma in `range` whose vma maps `object` at an object
+    /// offset at or past `size`, private copies included (the object was
+    /// truncated). Takes `mapping` (read) and `active`.
+    ///
+    /// # Preconditions
+    /// - neither `mapping` nor `active` is held by the caller.
+    pub(crate) fn drop_past_object_end(
+        &self,
+        object: &dyn Mappable,
+        range: GuestRange,
+        size: u64,
+    ) -> Result<(), MmError> {
+        let mapping = self.read_mapping();
+        let mut active = self.lock_active();
+        let target = object as *const dyn Mappable;
+        let mut gone = Vec::new();
+        for (vr, vma) in mapping.vmas.iter_range(range) {
+            let Some(m) = &vma.mappable else { continue };
+            if !std::ptr::addr_eq(Arc::as_ptr(m), target) {
+                continue;
+            }
+            // The first guest address of this vma past the object's end.
+            let end = vr.start().saturating_add(size.saturating_sub(vma.offset));
+            let part = vr.intersect(range);
+            if end < part.end() {
+                gone.push(Range::new_unchecked(end.max(part.start()), part.end()));
+            }
+        }
+        for r in gone {
+            self.invalidate_locked(&mut active, r, true)?;
         }
         Ok(())
     }

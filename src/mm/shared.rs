@@ -103,23 +103,51 @@ impl SharedMemory {
     }
 
     /// Changes the object's size; pages past a smaller size are dropped and
-    /// their mappers invalidated (later accesses there are bus errors).
+    /// every mapping of them goes, private copy-on-write copies included
+    /// (later accesses there are bus errors, as on Linux; growing again
+    /// shows zeros). Unlike [`decommit`](Self::decommit), which keeps
+    /// private copies as hole punching does.
     pub fn truncate(&self, new_size: u64) -> Result<(), FileError> {
         if new_size % PAGE_SIZE != 0 {
             return Err(FileError::BadSize { size: new_size });
         }
         // Shrink and drop the pages in one critical section, so a racing
         // translate cannot allocate past the new end in between.
-        let (dropped, affected) = {
+        let (dropped, gone) = {
             let mut s = self.lock();
             let old = std::mem::replace(&mut s.size, new_size);
             if new_size >= old {
                 return Ok(());
             }
             let gone = Range::new_unchecked(new_size, old);
-            (s.pages.remove_range(gone), s.mappers.affected(gone))
+            (s.pages.remove_range(gone), gone)
         };
-        self.release(dropped, &affected)
+        // Private copies past the end go too: each space drops what its
+        // vmas of this object show past `new_size`, checked against its own
+        // vmas (a mapper record may be stale by now). A space forked from
+        // one before that one was told inherits its copies; fork records the
+        // child as a mapper before the parent can be told, so asking again
+        // until no new mapper appears reaches every copy.
+        let mut told: Vec<(u64, GuestRange)> = Vec::new();
+        loop {
+            let fresh: Vec<_> = self
+                .lock()
+                .mappers
+                .affected_by_id(gone)
+                .into_iter()
+                .filter(|(id, _, g)| !told.contains(&(*id, *g)))
+                .collect();
+            if fresh.is_empty() {
+                break;
+            }
+            for (id, space, guest) in fresh {
+                if let Some(space) = space.upgrade() {
+                    space.truncated(self, guest, new_size);
+                }
+                told.push((id, guest));
+            }
+        }
+        self.drop_refs(dropped)
     }
 
     /// Invalidates the mappers of pages just removed from the object, then
@@ -134,6 +162,11 @@ impl SharedMemory {
         affected: &[(Weak<dyn MappingSpace>, GuestRange)],
     ) -> Result<(), FileError> {
         invalidate_all(affected);
+        self.drop_refs(dropped)
+    }
+
+    /// Drops the object's references on pages it no longer holds.
+    fn drop_refs(&self, dropped: Vec<(Range, Backing)>) -> Result<(), FileError> {
         for (r, b) in dropped {
             self.memfile
                 .dec_ref(Range::new_unchecked(b.file_offset, b.file_offset + r.len()))?;
