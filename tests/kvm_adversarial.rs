@@ -134,7 +134,7 @@ fn xsave_family_to_and_from_lazy_memory() {
 
 /// An XSAVE area whose AVX state lies in the next fresh window: the operand
 /// must be sized from the XCR0 the CPU runs the guest with (under PVM the
-/// host's), not only the one the VMM set. Open bug (guests::OPEN_BUGS).
+/// host's), not only the one the VMM set.
 #[test]
 fn xsave_area_straddling_a_window_boundary() {
     passes_in_every_mode("adv_xsavewide", &all_modes());

@@ -267,24 +267,20 @@ pub const GUESTS: &[Guest] = &[
             "adversarial: vCPUs lock inc on private COW template pages; prints the lost updates",
         )
     },
+    Guest {
+        min_ram: 8 * MIB,
+        unsupported_exit: Some(100),
+        ..guest(
+            "adv_xsavewide",
+            image!("adv_xsavewide"),
+            "adversarial: xsave/xrstor areas whose AVX state lies in the next fresh window",
+        )
+    },
 ];
 
-/// Guests that reproduce an open bug: they fail today and pass once it is
-/// fixed. `tinyvmm all` (and `make run`) leaves them out; [`find`] knows
-/// them, so `tinyvmm NAME` and the tests run them.
-pub const OPEN_BUGS: &[Guest] = &[Guest {
-    min_ram: 8 * MIB,
-    unsupported_exit: Some(100),
-    ..guest(
-        "adv_xsavewide",
-        image!("adv_xsavewide"),
-        "adversarial: xsave/xrstor areas whose AVX state lies in the next fresh window",
-    )
-}];
-
-/// The guest called `name` (in [`GUESTS`] or [`OPEN_BUGS`]), if there is one.
+/// The guest called `name`, if there is one.
 pub fn find(name: &str) -> Option<&'static Guest> {
-    GUESTS.iter().chain(OPEN_BUGS).find(|g| g.name == name)
+    GUESTS.iter().find(|g| g.name == name)
 }
 
 /// The `cow` guest's template pattern: the u64 at byte offset `offset`
@@ -315,7 +311,7 @@ mod tests {
         ] {
             assert!(names.contains(&want), "guest {want} missing from {names:?}");
         }
-        for g in GUESTS.iter().chain(OPEN_BUGS) {
+        for g in GUESTS {
             assert!(!g.image.is_empty(), "{}: empty image", g.name);
             assert!(
                 g.image.len() as u64 <= CODE_MAX_SIZE,
@@ -325,8 +321,6 @@ mod tests {
         }
         assert_eq!(find("smp").map(|g| g.vcpus), Some(4));
         assert!(find("nope").is_none());
-        assert!(find("adv_xsavewide").is_some(), "find knows OPEN_BUGS");
-        assert!(!GUESTS.iter().any(|g| g.name == "adv_xsavewide"));
     }
 
     #[test]
