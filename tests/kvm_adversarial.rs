@@ -257,3 +257,53 @@ fn cow_lock_inc_2_vcpus_completes() {
 fn cow_lock_inc_4_vcpus_completes() {
     cowsmp(4);
 }
+
+/// AVX stores streaming over RAM that a host thread decommits every 2 ms
+/// (slots deleted, pages dropped under the vCPUs): no healthy vCPU is ever
+/// stopped, with the default windows and with 64 KiB ones (with 4 KiB
+/// windows every store is an exit and a decommit every 2 ms undoes them
+/// faster than they are made: it is slow, not wrong), `stress_runs()`
+/// times each.
+fn decommit_interference(vcpus: u32) {
+    let Some(kvm) = kvm_or_skip() else { return };
+    let w64 = RunOptions {
+        fault_around: 64 << 10,
+        fault_around_max: 64 << 10,
+        ..lazy()
+    };
+    for (mode, base) in [("lazy", lazy()), ("w64", w64)] {
+        for _ in 0..stress_runs() {
+            let opts = RunOptions {
+                vcpus: Some(vcpus),
+                decommit_every: Some(Duration::from_millis(2)),
+                ..base.clone()
+            };
+            let r = run(&kvm, "adv_decommit", &opts);
+            eprintln!(
+                "{mode:5} {} host_decommits={}",
+                r.summary_line(),
+                r.host_decommits
+            );
+            if unsupported(&r) {
+                return;
+            }
+            assert!(r.passed, "{mode}: {}", r.summary_line());
+            assert!(r.violations.is_empty(), "{mode}: {:?}", r.violations);
+            assert!(
+                r.host_decommits >= 3,
+                "{mode}: only {} decommits happened while the guest ran",
+                r.host_decommits
+            );
+        }
+    }
+}
+
+#[test]
+fn avx_stores_while_the_host_decommits_2_vcpus() {
+    decommit_interference(2);
+}
+
+#[test]
+fn avx_stores_while_the_host_decommits_4_vcpus() {
+    decommit_interference(4);
+}

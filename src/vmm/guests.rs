@@ -268,6 +268,16 @@ pub const GUESTS: &[Guest] = &[
         )
     },
     Guest {
+        vcpus: 2,
+        min_ram: 40 * MIB,
+        unsupported_exit: Some(100),
+        ..guest(
+            "adv_decommit",
+            image!("adv_decommit"),
+            "adversarial: vCPUs stream AVX stores over RAM the host decommits (with RunOptions::decommit_every)",
+        )
+    },
+    Guest {
         min_ram: 8 * MIB,
         unsupported_exit: Some(100),
         ..guest(

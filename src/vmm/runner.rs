@@ -21,7 +21,10 @@ use crate::kvm::{
     VmOptions, VmStats,
 };
 use crate::memfile::{MemoryFile, MemoryFileOptions};
-use crate::mm::{AddressSpaceOptions, HostFile, IoOpts, MapOpts, Mappable, MapsEntry, Stats};
+use crate::mm::{
+    AddressSpace, AddressSpaceOptions, HostFile, IoOpts, MapOpts, Mappable, MapsEntry, MmError,
+    Stats,
+};
 use crate::perms::Perms;
 use crate::range::HUGE_PAGE_SIZE;
 
@@ -48,6 +51,11 @@ pub struct RunOptions {
     /// How long the guest may run: then every vCPU is stopped and the run
     /// fails, naming each vCPU's RIP (or that it never left `KVM_RUN`).
     pub timeout: Duration,
+    /// Host interference: a thread decommits all of RAM
+    /// ([`AddressSpace::decommit`](crate::mm::AddressSpace::decommit)) this
+    /// often while the guest runs, as a balloon or a memory-pressure
+    /// policy would. Only for guests that do not rely on RAM contents.
+    pub decommit_every: Option<Duration>,
 }
 
 impl Default for RunOptions {
@@ -62,6 +70,7 @@ impl Default for RunOptions {
             max_slots: None,
             memfile_max: None,
             slot_merge: MergePolicy::Eager,
+            decommit_every: None,
         }
     }
 }
@@ -119,6 +128,8 @@ pub struct GuestReport {
     pub leaked_bytes: u64,
     /// Memslots still live after every vma was unmapped (must be 0).
     pub slots_after_unmap: u64,
+    /// Decommits of all RAM made by [`RunOptions::decommit_every`].
+    pub host_decommits: u64,
 }
 
 impl GuestReport {
@@ -355,6 +366,9 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
 
     let shared = Arc::new(Mutex::new(Shared::default()));
     let start = Instant::now();
+    let interference = opts
+        .decommit_every
+        .map(|period| Decommitter::start(space.clone(), layout.ram_base(), ram_size, period));
     let (results, stuck) = run_vcpus(
         vcpu_list,
         &shared,
@@ -363,6 +377,7 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         opts.timeout,
     );
     let elapsed = start.elapsed();
+    let host_decommits = interference.map_or(Ok(0), Decommitter::finish);
     let mut timeout_failures = Vec::new();
     if !stuck.is_empty() {
         timeout_failures.push(format!(
@@ -375,6 +390,10 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
     let shared = std::mem::take(&mut *shared.lock().unwrap_or_else(|e| e.into_inner()));
     let mut failures: Vec<String> = shared.errors.clone();
     failures.extend(timeout_failures);
+    let host_decommits = host_decommits.unwrap_or_else(|e| {
+        failures.push(format!("host decommit: {e}"));
+        0
+    });
     for (i, (_, r)) in results.iter().enumerate() {
         match r {
             Err(e) => failures.push(e.clone()),
@@ -465,7 +484,37 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         elapsed,
         leaked_bytes,
         slots_after_unmap,
+        host_decommits,
     })
+}
+
+/// The host thread of [`RunOptions::decommit_every`].
+struct Decommitter {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<u64, MmError>>,
+}
+
+impl Decommitter {
+    fn start(space: Arc<AddressSpace>, gpa: u64, len: u64, period: Duration) -> Decommitter {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut count = 0;
+            while !flag.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::sleep(period);
+                space.decommit(gpa, len)?;
+                count += 1;
+            }
+            Ok(count)
+        });
+        Decommitter { stop, thread }
+    }
+
+    /// Stops the thread; returns how many decommits it made.
+    fn finish(self) -> Result<u64, MmError> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.join().unwrap_or(Ok(0))
+    }
 }
 
 /// What each vCPU thread ended with: its EXIT code and how `run_with`
