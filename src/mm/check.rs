@@ -15,6 +15,9 @@ impl AddressSpace {
     /// - pmas lie only inside vmas; shared vmas hold no copy-on-write or
     ///   private pmas; anonymous private vmas hold only private pmas or
     ///   copy-on-write ones;
+    /// - no pma maps object offsets past its object's size (private
+    ///   copies included: truncation drops them; a truncation still
+    ///   telling its mappers may briefly leave some);
     /// - every private pma page has an owner count of at least one.
     ///
     /// The error names the first violation.
@@ -56,6 +59,17 @@ impl AddressSpace {
                 }
                 if vma.mappable.is_none() && vma.private && !pma.private {
                     return Err(format!("pma {pr} in anonymous vma {vr} is not private"));
+                }
+                if let Some(m) = &vma.mappable {
+                    let part = vr.intersect(pr);
+                    let end = vma.object_offset(vr, part.end());
+                    let size = m.size();
+                    if end > size {
+                        return Err(format!(
+                            "pma {part} in vma {vr} maps object offsets up to {end:#x}, \
+                             past the object's size {size:#x}"
+                        ));
+                    }
                 }
             }
             if pma.private {
