@@ -70,14 +70,18 @@
 //!        ├─ SharedMemory.state    an object's pages and mappers (translate)
 //!        ├─ HostFile refs/mappers
 //!        ├─ SlotTable.state       memslots and the host reservation (backend calls)
+//!        │    └─ RunGate          which vCPUs are in KVM_RUN (a leaf: slot changes
+//!        │                        close the gate with the slot table locked)
+//!        ├─ SpaceRegion.shown     the pages a region view has mapped (a leaf)
 //!        └─ MemoryFile.inner      allocation map, refcounts, internal mappings
 //! ```
 //!
 //! Exceptions, written out:
 //! - `SharedMemory::decommit` and `truncate` collect the affected mappers
 //!   under the object's lock, release it, and only then call each address
-//!   space's `invalidate` (which takes `active`): an object lock is never
-//!   held while an address space lock is taken.
+//!   space: `invalidate` (decommit) takes `active`, `truncated` takes
+//!   `mapping` (read) and then `active`. An object lock is never held while
+//!   an address space lock is taken.
 //! - `map` calls `Mappable::add_mapping` with `mapping` held and `active`
 //!   not held; that takes only the object's own lock.
 //! - `fork` holds the parent's `mapping` (read) and `active`, then takes the
