@@ -64,37 +64,76 @@ fn adjacent_installs_merge_into_one_slot() {
 }
 
 #[test]
-fn lazy_merge_extends_runs_with_new_slots_then_merges_the_run() {
+fn lazy_merge_extends_runs_with_new_slots_then_merges_the_cheapest_pair() {
     let Some(f) = fixture_with(32, MergePolicy::Lazy { max_slots: 4 }) else {
         return;
     };
-    for i in 0..3 {
-        f.install(i * 2 * MIB, 2 * MIB, true).unwrap();
-    }
-    let want: Vec<_> = (0..3)
-        .map(|i| (r(i * 2 * MIB, (i + 1) * 2 * MIB), true))
-        .collect();
-    assert_eq!(
-        f.table.slots(),
-        want,
-        "three adjacent installs, three slots"
-    );
+    // A geometric stream: 2, 4 and 8 MiB windows, each its own slot.
+    f.install(0, 2 * MIB, true).unwrap();
+    f.install(2 * MIB, 4 * MIB, true).unwrap();
+    f.install(6 * MIB, 8 * MIB, true).unwrap();
+    let three = vec![
+        (r(0, 2 * MIB), true),
+        (r(2 * MIB, 6 * MIB), true),
+        (r(6 * MIB, 14 * MIB), true),
+    ];
+    assert_eq!(f.table.slots(), three, "three adjacent installs, three slots");
     f.table.check_invariants().unwrap();
     // A same-writability replacement inside one slot changes no slot.
     f.install(2 * MIB, MIB, true).unwrap();
-    assert_eq!(f.table.slots(), want);
+    assert_eq!(f.table.slots(), three);
+    // The fourth window still fits the budget: no slot is deleted.
+    f.install(14 * MIB, 16 * MIB, true).unwrap();
     assert_eq!(f.table.stats().deletes, 0);
-    // The fourth slot would reach max_slots: the run merges instead.
-    f.install(6 * MIB, 2 * MIB, true).unwrap();
-    assert_eq!(f.table.slots(), vec![(r(0, 8 * MIB), true)]);
+    assert_eq!(f.table.stats().live, 4);
+    // At the budget the fifth merges the cheapest adjacent pair, the two
+    // smallest early windows, not the large ones the stream is in.
+    f.install(30 * MIB, 32 * MIB, true).unwrap();
+    assert_eq!(
+        f.table.slots(),
+        vec![
+            (r(0, 6 * MIB), true),
+            (r(6 * MIB, 14 * MIB), true),
+            (r(14 * MIB, 30 * MIB), true),
+            (r(30 * MIB, 62 * MIB), true),
+        ]
+    );
     f.table.check_invariants().unwrap();
     let s = f.table.stats();
-    assert_eq!((s.adds, s.deletes, s.live, s.max_live), (4, 3, 1, 3));
+    assert_eq!((s.adds, s.deletes, s.live, s.max_live), (6, 2, 4, 4));
+    // A sparse install elsewhere still makes room by the cheapest merge.
+    f.install(100 * MIB, 2 * MIB, true).unwrap();
+    assert_eq!(f.table.stats().live, 4);
+    assert_eq!(f.table.slots()[0], (r(0, 14 * MIB), true));
+    f.table.check_invariants().unwrap();
     // Read-only pieces still split off, and removal still works.
     f.table.write_protect(r(2 * MIB, 4 * MIB)).unwrap();
     f.table.check_invariants().unwrap();
-    f.table.remove(r(0, 8 * MIB)).unwrap();
+    f.table.remove(r(0, 128 * MIB)).unwrap();
     assert!(f.table.slots().is_empty());
+    f.table.check_invariants().unwrap();
+}
+
+#[test]
+fn lazy_merge_budget_is_soft_when_nothing_is_adjacent() {
+    let Some(f) = fixture_with(8, MergePolicy::Lazy { max_slots: 2 }) else {
+        return;
+    };
+    for i in 0..4 {
+        f.install(i * 10 * MIB, 2 * MIB, true).unwrap();
+    }
+    let s = f.table.stats();
+    assert_eq!((s.live, s.deletes), (4, 0), "isolated installs: one slot each");
+    f.table.check_invariants().unwrap();
+    // The table's limit stays hard.
+    for i in 4..8 {
+        f.install(i * 10 * MIB, 2 * MIB, true).unwrap();
+    }
+    assert!(matches!(
+        f.install(80 * MIB, 2 * MIB, true),
+        Err(BackendError::OutOfSlots { .. })
+    ));
+    assert_eq!(f.table.stats().live, 8);
     f.table.check_invariants().unwrap();
 }
 

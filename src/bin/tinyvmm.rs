@@ -8,8 +8,10 @@
 //!   --fault-around-max-kib N largest window (default 32768)
 //!   --eager                  RAM as one slot registered up front (baseline)
 //!   --max-slots N            memslot cap
-//!   --lazy-merge N           extend runs with new slots below N live slots
-//!                            (MergePolicy::Lazy), merge runs at N
+//!   --lazy-merge N           slot budget N (MergePolicy::Lazy, the default with 32):
+//!                            new windows get their own slot below N live slots,
+//!                            at N the smallest adjacent pair merges
+//!   --eager-merge            every install merges with its neighbours (MergePolicy::Eager)
 //!   --memfile-max-mib N      guest memory cap (an even number of MiB)
 //!   --timeout-s N            stop the guest after N seconds (default 120) and
 //!                            report where each vCPU was
@@ -64,7 +66,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: tinyvmm [--ram-mib N] [--vcpus N] [--fault-around-kib N] \
-[--fault-around-max-kib N] [--eager] [--max-slots N] [--lazy-merge N] [--memfile-max-mib N] \
+[--fault-around-max-kib N] [--eager] [--max-slots N] [--lazy-merge N|--eager-merge] [--memfile-max-mib N] \
 [--timeout-s N] [--image FILE [--template-kib N] [--expect-violations N] [--ends-in-violation]] \
 [--stats] [--json] [--list] [-v|-vv] [GUEST|all]...
        tinyvmm --kernel VMLINUX [--cmdline TEXT] [--initrd FILE] [--pvh] [--stop-at TEXT] \
@@ -100,6 +102,7 @@ fn parse() -> Result<Args, String> {
             "--fault-around-max-kib" => a.opts.fault_around_max = num(&mut it, &arg)? << 10,
             "--eager" => a.opts.eager = true,
             "--max-slots" => a.opts.max_slots = Some(num(&mut it, &arg)? as usize),
+            "--eager-merge" => a.opts.slot_merge = guestmm::kvm::MergePolicy::Eager,
             "--lazy-merge" => {
                 a.opts.slot_merge = guestmm::kvm::MergePolicy::Lazy {
                     max_slots: num(&mut it, &arg)? as usize,

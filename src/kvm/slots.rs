@@ -12,16 +12,27 @@
 //! the pages under an existing run (a copy-on-write break that keeps the
 //! writability) needs only the `mmap`, no slot change.
 //!
-//! That is the default, [`MergePolicy::Eager`]. Deleting a slot makes KVM
-//! drop its mappings of every page in it, so the guest's next access to a
-//! page it had touched before a merge faults again inside KVM (no exit to
-//! userspace, ~5 µs per 4 KiB page nested); merging a large, well-used
-//! run is therefore not free. [`MergePolicy::Lazy`] gives an install that
-//! only extends a run (replaces nothing) a slot of its own while the table
-//! holds fewer than its `max_slots`, and merges the run when that count is
-//! reached. Under it, slots tile what is installed (each with one
-//! writability) without having to be maximal.
+//! That is [`MergePolicy::Eager`]. Deleting a slot makes KVM drop its
+//! mappings of every page in it, so the guest's next access to a page it
+//! had touched before a merge faults again inside KVM (no exit to
+//! userspace, ~5 µs per 4 KiB page nested); merging a large, well-used run
+//! is therefore not free, and a sequential stream that merges each new
+//! window into its run re-faults everything it touched so far.
 //!
+//! The default, [`MergePolicy::Lazy`], gives an install that only extends
+//! a run (replaces nothing) a slot of its own while the table holds fewer
+//! than its budget (`max_slots`). Fault-around windows grow geometrically
+//! along a sequential stream, so a run of size S needs O(log S) slots (a
+//! 1 GiB sequential touch: about 10) and a stream deletes no slot until the
+//! budget is reached. At the budget, room is made by merging the *cheapest*
+//! pair of GPA-adjacent same-writability slots (the new install counting as
+//! one): the smallest pair, whose merge zaps the fewest of KVM's mappings —
+//! with geometric windows, the small early windows of a run, not the large
+//! hot one the guest is streaming through. Where nothing is adjacent (a
+//! sparse guest), the install gets its own slot beyond the budget: the
+//! budget is soft, the table's limit is not. Under `Lazy`, slots tile what
+//! is installed (each with one writability) without having to be maximal.
+
 //! # No gaps
 //!
 //! KVM cannot resize a slot, so a merge, a split or a change of writability
@@ -78,22 +89,36 @@ impl SegmentValue for Slot {
 
 /// When GPA-adjacent installs with the same writability share a slot (see
 /// the module docs).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MergePolicy {
     /// Every install merges with the slots it touches: slots are always the
     /// maximal same-writability runs of what is installed.
-    #[default]
     Eager,
     /// An install that replaces nothing becomes a slot of its own while
     /// fewer than `max_slots` slots are live (capped by the table's limit);
-    /// at that count it merges its whole run, as `Eager` would. Installs
-    /// that replace or re-protect installed memory merge like `Eager`,
-    /// except that a same-writability replacement inside one slot changes
-    /// no slot.
+    /// at that count the cheapest GPA-adjacent same-writability pair (the
+    /// new install included) is merged to make room, and where no pair is
+    /// adjacent the install still gets its own slot (the table's limit
+    /// permitting). Installs that replace or re-protect installed memory
+    /// merge like `Eager`, except that a same-writability replacement
+    /// inside one slot changes no slot. The default, with
+    /// [`DEFAULT_SLOT_BUDGET`].
     Lazy {
-        /// Live slots (all kinds) below which extending a run adds a slot.
+        /// The slot budget: live slots (all kinds) below which extending a
+        /// run adds a slot.
         max_slots: usize,
     },
+}
+
+/// The slot budget of the default [`MergePolicy`].
+pub const DEFAULT_SLOT_BUDGET: usize = 32;
+
+impl Default for MergePolicy {
+    fn default() -> Self {
+        MergePolicy::Lazy {
+            max_slots: DEFAULT_SLOT_BUDGET,
+        }
+    }
 }
 
 /// Counters of a [`SlotTable`].
@@ -401,7 +426,7 @@ impl SlotTable {
         if let MergePolicy::Lazy { max_slots } = st.policy {
             let mut overlapping = st.slots.iter_range(range);
             match (overlapping.next(), overlapping.next()) {
-                (None, _) if st.slots.len() + 1 < max_slots.min(st.limit) => {
+                (None, _) if st.slots.len() < max_slots.min(st.limit) => {
                     return Plan {
                         delete: Vec::new(),
                         add: vec![(range, writable)],
@@ -413,15 +438,49 @@ impl SlotTable {
                         add: Vec::new(),
                     };
                 }
-                (None, _) => {
-                    // Out of room: merge the whole run this install extends.
-                    let run = run_around(st, range, writable);
-                    return Self::plan_locked(st, run, Some(writable));
-                }
+                (None, _) => return Self::plan_budget_merge_locked(st, range, writable),
                 _ => {}
             }
         }
         Self::plan_locked(st, range, Some(writable))
+    }
+
+    /// At the slot budget: installs `range` (which overlaps no slot) after
+    /// merging the cheapest GPA-adjacent same-writability pair among the
+    /// slots and `range` itself (smallest combined size: the fewest KVM
+    /// mappings zapped), or, with no such pair, as a slot of its own.
+    ///
+    /// # Preconditions
+    /// - `st` is the locked state; no slot overlaps `range`.
+    fn plan_budget_merge_locked(st: &SlotState, range: GuestRange, writable: bool) -> Plan {
+        // Slots and the new range in address order; `None` marks the range.
+        let mut items: Vec<(GuestRange, Option<Slot>, bool)> = st
+            .slots
+            .iter()
+            .map(|(r, s)| (r, Some(*s), s.writable))
+            .collect();
+        let at = items.partition_point(|(r, _, _)| r.start() < range.start());
+        items.insert(at, (range, None, writable));
+        let cheapest = items
+            .windows(2)
+            .filter(|w| w[0].0.end() == w[1].0.start() && w[0].2 == w[1].2)
+            .min_by_key(|w| w[0].0.len() + w[1].0.len());
+        let Some(pair) = cheapest else {
+            return Plan {
+                delete: Vec::new(),
+                add: vec![(range, writable)],
+            };
+        };
+        let merged = Range::new_unchecked(pair[0].0.start(), pair[1].0.end());
+        let delete = pair
+            .iter()
+            .filter_map(|(r, slot, _)| slot.map(|s| (*r, s)))
+            .collect();
+        let mut add = vec![(merged, pair[0].2)];
+        if !merged.is_superset_of(range) {
+            add.push((range, writable));
+        }
+        Plan { delete, add }
     }
 
     /// True if `plan` fits under the slot limit.
@@ -621,25 +680,6 @@ impl Drop for SlotTable {
             }
         }
     }
-}
-
-/// `range` (which overlaps no slot) widened over the chain of GPA-adjacent
-/// slots with writability `writable` on both sides.
-fn run_around(st: &SlotState, range: GuestRange, writable: bool) -> GuestRange {
-    let (mut start, mut end) = (range.start(), range.end());
-    while let Some((r, s)) = start.checked_sub(1).and_then(|a| st.slots.find_segment(a)) {
-        if s.writable != writable {
-            break;
-        }
-        start = r.start();
-    }
-    while let Some((r, s)) = st.slots.find_segment(end) {
-        if s.writable != writable {
-            break;
-        }
-        end = r.end();
-    }
-    Range::new_unchecked(start, end)
 }
 
 /// `range` widened to the slots it overlaps.

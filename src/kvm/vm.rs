@@ -164,7 +164,7 @@ impl Default for VmOptions {
                 ..AddressSpaceOptions::default()
             },
             max_slots: None,
-            slot_merge: MergePolicy::Eager,
+            slot_merge: MergePolicy::default(),
             kick_signal: 0,
             watchdog: Some(Duration::from_secs(1)),
         }

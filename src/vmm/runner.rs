@@ -69,7 +69,7 @@ impl Default for RunOptions {
             eager: false,
             max_slots: None,
             memfile_max: None,
-            slot_merge: MergePolicy::Eager,
+            slot_merge: MergePolicy::default(),
             decommit_every: None,
         }
     }
