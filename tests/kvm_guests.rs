@@ -4,7 +4,7 @@
 mod common;
 use common::kvm_or_skip;
 
-use guestmm::kvm::ViolationKind;
+use guestmm::kvm::{MergePolicy, ViolationKind, DEFAULT_SLOT_BUDGET};
 use guestmm::vmm::boot::{DEFAULT_RAM_BASE, HOLE_GPA};
 use guestmm::vmm::guests;
 use guestmm::vmm::runner::{run_guest, GuestReport, RunOptions};
@@ -36,12 +36,13 @@ fn hello_prints_its_line() {
 }
 
 #[test]
-fn sequential_touch_with_2m_fault_around_needs_few_exits_and_slots() {
+fn sequential_touch_with_2m_fault_around_and_eager_merges_needs_few_exits_and_slots() {
     let Some(kvm) = kvm_or_skip() else { return };
     let opts = RunOptions {
         ram_size: 64 * MIB,
         fault_around: 2 * MIB,
         fault_around_max: 2 * MIB,
+        slot_merge: MergePolicy::Eager,
         ..Default::default()
     };
     let r = run(&kvm, "touch", &opts);
@@ -61,6 +62,28 @@ fn sequential_touch_with_2m_fault_around_needs_few_exits_and_slots() {
         68 * MIB,
         "boot region + all RAM populated"
     );
+}
+
+#[test]
+fn sequential_touch_under_the_default_slot_budget_deletes_no_slot() {
+    let Some(kvm) = kvm_or_skip() else { return };
+    let r = run(
+        &kvm,
+        "touch",
+        &RunOptions {
+            ram_size: 256 * MIB,
+            ..Default::default()
+        },
+    );
+    assert_pass(&r);
+    // Geometric windows, one slot each: no merge re-faults anything.
+    assert_eq!(r.vm.slots.deletes, 0, "{:?}", r.vm.slots);
+    assert!(
+        r.vm.slots.max_live <= DEFAULT_SLOT_BUDGET as u64,
+        "{:?}",
+        r.vm.slots
+    );
+    assert!(r.vm.memory_exits <= 40, "{:?}", r.vm);
 }
 
 #[test]

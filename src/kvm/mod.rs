@@ -63,6 +63,6 @@ pub use exits::{
     EmulationFailure, FailedInstruction, MemOperand, MemoryExit, MemoryViolation, ViolationKind,
 };
 pub use handler::{Action, ExitHandler, VcpuStop};
-pub use slots::{MergePolicy, SlotStats, SlotTable};
+pub use slots::{MergePolicy, SlotStats, SlotTable, DEFAULT_SLOT_BUDGET};
 pub use vcpu::{Exit, Vcpu, VcpuKicker};
 pub use vm::{open_kvm, Paused, StopCause, Vm, VmError, VmOptions, VmStats};
