@@ -85,10 +85,10 @@ const CPUID7_EBX_SMAP: u32 = 1 << 20;
 const CPUID1_ECX_HYPERVISOR: u32 = 1 << 31;
 
 /// The command line passed when none is given: a serial console from the
-/// start (earlyprintk), no timestamps (so lazy and eager runs can be
-/// compared line by line), and the PVM workarounds (see the module docs).
+/// start (earlyprintk), a fixed kernel address, and the PVM workarounds
+/// (`noxsave`, `nosmap`: see the module docs).
 pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 earlyprintk=serial,ttyS0 printk.time=0 noxsave nokaslr reboot=t panic=-1";
+    "console=ttyS0 earlyprintk=serial,ttyS0 noxsave nosmap nokaslr reboot=t panic=-1";
 
 /// Which entry point of the kernel to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
