@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use guestmm::kvm::{Action, ExitHandler, StopCause, Vcpu, VcpuStop, Vm, VmError, VmOptions};
 use guestmm::memfile::{MemoryFile, MemoryFileOptions};
 use guestmm::mm::{IoOpts, MapOpts};
-use guestmm::vmm::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
-use guestmm::Perms;
+use guestmm::vmm::boot::{
+    BootLayout, EntryArgs, BOOT_SIZE, CODE_GPA, DEFAULT_RAM_BASE, HOLE_GPA, HOLE_SIZE,
+};
+use guestmm::{Perms, Range};
 use kvm_ioctls::Kvm;
 
 /// Each vCPU: `lock inc qword [rdi + rdx*8]` (its counter at RAM base +
@@ -362,4 +364,57 @@ fn a_cr3_outside_the_address_space_is_a_violation_not_a_host_error() {
         ),
     }
     assert_eq!(vm.stop_cause(), None, "a guest error does not stop the VM");
+}
+
+/// `vmovdqu [r10], ymm0` (r10 = HOLE_GPA, a device range here), then EXIT(0).
+const AVX_STORE_TO_DEVICE: &[u8] = &[
+    0xc4, 0xc1, 0x7e, 0x7f, 0x02, // vmovdqu [r10], ymm0
+    0xb8, 0, 0, 0, 0, 0xe7, 0x11, 0x0f, 0x0b, // EXIT(0)
+];
+
+/// Skips an instruction guestmm could not get past, as a VMM emulating a
+/// device access itself (or injecting an exception) would.
+#[derive(Default)]
+struct SkipFailures {
+    failures: Vec<(u64, usize)>,
+    exit_port: Option<u16>,
+}
+
+impl ExitHandler for SkipFailures {
+    fn io_out(&mut self, _: &Vcpu, port: u16, _: &[u8]) -> Action {
+        self.exit_port = Some(port);
+        Action::Stop
+    }
+    fn emulation_failure(&mut self, vcpu: &Vcpu, f: &guestmm::kvm::EmulationFailure) -> Action {
+        let len = f.instruction.bytes().len();
+        self.failures.push((f.rip, len));
+        let mut regs = vcpu.fd().get_regs().unwrap();
+        regs.rip += 5; // the vmovdqu
+        vcpu.fd().set_regs(&regs).unwrap();
+        Action::Continue
+    }
+}
+
+#[test]
+fn an_instruction_kvm_cannot_run_reaches_the_handler_with_its_vcpu() {
+    common::log_from_env();
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
+    let (vm, mut vcpus) = vm_with(&kvm, AVX_STORE_TO_DEVICE, 1, 2 << 20, None);
+    vm.add_device_range(Range::from_len(HOLE_GPA, HOLE_SIZE).unwrap())
+        .unwrap();
+    let mut h = SkipFailures::default();
+    let stop = vcpus[0].run_with(&mut h).unwrap();
+    assert_eq!(stop, VcpuStop::Handler);
+    eprintln!("emulation failures handled: {:?}", h.failures);
+    assert_eq!(h.exit_port, Some(0x11), "the guest went on to its EXIT");
+    match h.failures.as_slice() {
+        // KVM cannot emulate a VEX store to a device: the handler got it.
+        [(rip, _)] => assert_eq!(*rip, CODE_GPA),
+        // A host that completes it as an MMIO write never fails it; the
+        // handler (no mmio_write override) then accepted the write.
+        [] => {}
+        more => panic!("failures {more:?}"),
+    }
 }
