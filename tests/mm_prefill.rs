@@ -49,9 +49,7 @@ fn touch(be: &RecordingBackend, space: &AddressSpace, gpa: u64) -> Option<(Range
 #[test]
 fn a_sequential_stream_gets_every_window_after_its_first_filled() {
     let (_mf, be, space) = space_with("prefill-seq", AddressSpaceOptions::default());
-    space
-        .map(MapOpts::anonymous(64 * MIB).fixed(GPA))
-        .unwrap();
+    space.map(MapOpts::anonymous(64 * MIB).fixed(GPA)).unwrap();
     let mut windows = Vec::new();
     for gpa in (GPA..GPA + 64 * MIB).step_by(PAGE_SIZE as usize) {
         if let Some(w) = touch(&be, &space, gpa) {
@@ -62,7 +60,11 @@ fn a_sequential_stream_gets_every_window_after_its_first_filled() {
     assert_eq!(sizes, vec![2, 4, 8, 16, 32, 2], "window sizes in MiB");
     assert_eq!(windows[0].1, 0, "nothing shows the first window is dense");
     for &(w, filled) in &windows[1..] {
-        assert_eq!(filled, w.len(), "window {w} follows a dense one: filled whole");
+        assert_eq!(
+            filled,
+            w.len(),
+            "window {w} follows a dense one: filled whole"
+        );
     }
     let want: Vec<(Range, bool)> = windows[1..].iter().map(|&(w, _)| (w, true)).collect();
     assert_eq!(be.prefills(), want);
@@ -88,16 +90,17 @@ fn a_sparse_stream_gets_nothing_filled_and_commits_what_it_touches() {
     let st = space.stats();
     assert_eq!((st.prefilled_windows, st.prefilled_bytes), (0, 0));
     assert_eq!(st.committed_bytes, touched * PAGE_SIZE);
-    assert_eq!(st.populated_bytes, len, "windows still grow along the stride");
+    assert_eq!(
+        st.populated_bytes, len,
+        "windows still grow along the stride"
+    );
     assert!(faults < 50, "{faults} faults for {touched} touches");
 }
 
 #[test]
 fn a_jump_next_to_dense_memory_is_filled_and_one_next_to_sparse_memory_is_not() {
     let (_mf, be, space) = space_with("prefill-jump", AddressSpaceOptions::default());
-    space
-        .map(MapOpts::anonymous(64 * MIB).fixed(GPA))
-        .unwrap();
+    space.map(MapOpts::anonymous(64 * MIB).fixed(GPA)).unwrap();
     // A dense 2 MiB window at the top, walked backwards: each new window
     // is a jump down (no stream), its upper neighbour fully committed.
     let top = GPA + 62 * MIB;
@@ -122,9 +125,7 @@ fn always_fills_up_to_the_budget_from_the_faulting_chunk_and_never_fills_nothing
         ..AddressSpaceOptions::default()
     };
     let (_mf, be, space) = space_with("prefill-always", opts.clone());
-    space
-        .map(MapOpts::anonymous(32 * MIB).fixed(GPA))
-        .unwrap();
+    space.map(MapOpts::anonymous(32 * MIB).fixed(GPA)).unwrap();
     let p = space.handle_fault(GPA + 29 * MIB, Access::Read).unwrap();
     assert_eq!(p.window, r(GPA, GPA + 32 * MIB));
     assert_eq!(p.prefilled, 5 * MIB);
@@ -142,9 +143,7 @@ fn always_fills_up_to_the_budget_from_the_faulting_chunk_and_never_fills_nothing
         ..opts
     };
     let (_mf, be, space) = space_with("prefill-never", never);
-    space
-        .map(MapOpts::anonymous(64 * MIB).fixed(GPA))
-        .unwrap();
+    space.map(MapOpts::anonymous(64 * MIB).fixed(GPA)).unwrap();
     for gpa in (GPA..GPA + 64 * MIB).step_by(PAGE_SIZE as usize) {
         touch(&be, &space, gpa);
     }
@@ -157,13 +156,13 @@ fn copy_on_write_parts_are_filled_read_only() {
     let opts = AddressSpaceOptions {
         fault_around: 4 * MIB,
         fault_around_max: 4 * MIB,
-        prefill: Prefill::Always { max_bytes: 64 * MIB },
+        prefill: Prefill::Always {
+            max_bytes: 64 * MIB,
+        },
         ..AddressSpaceOptions::default()
     };
     let (_mf, _be, parent) = space_with("prefill-cow", opts);
-    parent
-        .map(MapOpts::anonymous(4 * MIB).fixed(GPA))
-        .unwrap();
+    parent.map(MapOpts::anonymous(4 * MIB).fixed(GPA)).unwrap();
     parent.write(GPA, &vec![7u8; 4 * MIB as usize]).unwrap();
     let child_be = Arc::new(RecordingBackend::new());
     let child = parent.fork(child_be.clone()).unwrap();
@@ -174,11 +173,7 @@ fn copy_on_write_parts_are_filled_read_only() {
 
 /// A parent whose 32 MiB anonymous vma is populated (one 32 MiB window)
 /// and written, then forked: all of it copy-on-write on both sides.
-fn forked_32m() -> (
-    Arc<RecordingBackend>,
-    Arc<AddressSpace>,
-    Arc<AddressSpace>,
-) {
+fn forked_32m() -> (Arc<RecordingBackend>, Arc<AddressSpace>, Arc<AddressSpace>) {
     let opts = AddressSpaceOptions {
         fault_around: 32 * MIB,
         fault_around_max: 32 * MIB,
@@ -186,9 +181,7 @@ fn forked_32m() -> (
         ..AddressSpaceOptions::default()
     };
     let (_mf, be, parent) = space_with("cow-cap", opts);
-    parent
-        .map(MapOpts::anonymous(32 * MIB).fixed(GPA))
-        .unwrap();
+    parent.map(MapOpts::anonymous(32 * MIB).fixed(GPA)).unwrap();
     let p = parent.handle_fault(GPA, Access::Write).unwrap();
     assert_eq!(p.window.len(), 32 * MIB);
     for mib in 0..32 {
@@ -204,13 +197,21 @@ fn a_write_fault_in_a_32m_copy_on_write_window_copies_2m() {
     let p = parent
         .handle_fault(GPA + 13 * MIB + 12345, Access::Write)
         .unwrap();
-    assert_eq!(p.window, r(GPA, GPA + 32 * MIB), "the window is still 32 MiB");
+    assert_eq!(
+        p.window,
+        r(GPA, GPA + 32 * MIB),
+        "the window is still 32 MiB"
+    );
     assert_eq!(p.cow_copied, 2 * MIB);
     let st = parent.stats();
     assert_eq!((st.cow_copies, st.cow_copied_bytes), (1, 2 * MIB));
     let (w, inst) = be.installed_at(GPA + 13 * MIB).unwrap();
     assert!(inst.writable);
-    assert_eq!(w, r(GPA + 12 * MIB, GPA + 14 * MIB), "only the chunk is writable");
+    assert_eq!(
+        w,
+        r(GPA + 12 * MIB, GPA + 14 * MIB),
+        "only the chunk is writable"
+    );
     assert!(!be.installed_at(GPA).unwrap().1.writable);
     assert!(!be.installed_at(GPA + 14 * MIB).unwrap().1.writable);
     // The next write elsewhere copies its own chunk.
@@ -239,9 +240,7 @@ fn a_write_fault_copies_within_its_window_only() {
         ..AddressSpaceOptions::default()
     };
     let (_mf, _be, parent) = space_with("cow-small", opts);
-    parent
-        .map(MapOpts::anonymous(4 * MIB).fixed(GPA))
-        .unwrap();
+    parent.map(MapOpts::anonymous(4 * MIB).fixed(GPA)).unwrap();
     parent.write(GPA, &vec![3u8; 4 * MIB as usize]).unwrap();
     let _child = parent.fork(Arc::new(RecordingBackend::new())).unwrap();
     let p = parent.handle_fault(GPA + MIB, Access::Write).unwrap();
