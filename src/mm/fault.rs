@@ -268,17 +268,18 @@ impl FaultAround {
         }
     }
 
-    /// The window for a fault at `gpa`, clipped to `bounds` (the vma and the
-    /// protection region holding `gpa`).
-    ///
-    /// # Preconditions
-    /// - `bounds` is page aligned and contains `gpa`.
+    /// `choose(gpa, bounds).range` (the unit tests' shorthand).
     #[cfg(test)]
     pub(crate) fn window(&mut self, gpa: u64, bounds: GuestRange) -> GuestRange {
         self.choose(gpa, bounds).range
     }
 
-    /// [`window`](Self::window), also naming the stream's previous window.
+    /// The window for a fault at `gpa`, clipped to `bounds` (the vma and the
+    /// protection region holding `gpa`), and the previous window of the
+    /// stream the fault continues.
+    ///
+    /// # Preconditions
+    /// - `bounds` is page aligned and contains `gpa`.
     pub(crate) fn choose(&mut self, gpa: u64, bounds: GuestRange) -> Window {
         debug_assert!(bounds.contains(gpa));
         let hit = self
