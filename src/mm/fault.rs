@@ -45,13 +45,15 @@
 //! re-protection of the window makes the backend fail or fill less, which
 //! is logged at debug level and otherwise ignored.
 //!
-//! Known limits: a window that was filled is dense by construction, so a
-//! stream that switches from dense to sparse keeps getting filled windows
-//! while it keeps walking forward (bounded by `max_bytes` per fault); a
-//! guest that touches pages at random (the `scatter` test guest) installs
-//! every window while the memory beside it is still empty and gets no
-//! fills (filling installed windows later, once they prove dense, needs a
-//! trigger other than faults and is not done).
+//! A filled window is committed whatever the guest does with it, so under
+//! `Dense` the last [`PREFILL_PROBE`] bytes of a window stay unfilled: when
+//! the stream's next fault comes, the probe's residency is its evidence,
+//! and a stream that turns sparse stops getting fills after one window.
+//!
+//! Known limit: a guest that touches pages at random (the `scatter` test
+//! guest) installs every window while the memory beside it is still empty
+//! and gets no fills (filling installed windows later, once they prove
+//! dense, needs a trigger other than faults and is not done).
 //!
 //! # Copy-on-write
 //!
@@ -78,6 +80,13 @@ pub const COW_CHUNK: u64 = HUGE_PAGE_SIZE;
 /// The most bytes next to a window whose residency [`Prefill::Dense`]
 /// measures (bounds the `mincore` work of one fault).
 pub const PREFILL_EVIDENCE_MAX: u64 = 8 << 20;
+
+/// The tail of a window that [`Prefill::Dense`] leaves unfilled: a filled
+/// window is committed whatever the guest does, so when the stream's next
+/// fault comes, this tail (which the guest walked through just before)
+/// is the only part that still tells whether the guest touches densely.
+/// It costs the guest a host page fault per page of it (16 per window).
+pub const PREFILL_PROBE: u64 = 64 << 10;
 
 /// When the fault path fills the host page tables of a window it just
 /// installed ([`AddressSpaceBackend::prefill`](super::AddressSpaceBackend::prefill)).
@@ -229,12 +238,14 @@ pub struct Populated {
 }
 
 /// A run of faults walking forward: its last window (`start..next`), the
-/// next address it expects and its current window size.
+/// next address it expects, its current window size, and whether the last
+/// window was filled (all but its probe, see [`PREFILL_PROBE`]).
 #[derive(Debug, Clone, Copy)]
 struct Stream {
     start: u64,
     next: u64,
     window: u64,
+    filled: bool,
 }
 
 /// What [`FaultAround::choose`] picked.
@@ -244,6 +255,8 @@ pub(crate) struct Window {
     pub range: GuestRange,
     /// The previous window of the stream this fault continues, if any.
     pub previous: Option<GuestRange>,
+    /// Whether `previous` was filled (all but its probe).
+    pub previous_filled: bool,
 }
 
 /// The fault-around policy: the aligned window of `initial` bytes around a
@@ -286,13 +299,14 @@ impl FaultAround {
             .streams
             .iter()
             .position(|s| s.next <= gpa && gpa - s.next < s.window);
-        let (start, size, previous) = match hit {
+        let (start, size, previous, previous_filled) = match hit {
             Some(i) => {
                 let s = self.streams.remove(i).expect("position is valid");
                 let size = (s.window * 2).min(self.max);
-                (s.next, size, Some(Range::new_unchecked(s.start, s.next)))
+                let previous = Range::new_unchecked(s.start, s.next);
+                (s.next, size, Some(previous), s.filled)
             }
-            None => (align_down(gpa, self.initial), self.initial, None),
+            None => (align_down(gpa, self.initial), self.initial, None, false),
         };
         let end = start.saturating_add(size);
         let clipped = Range::new_unchecked(start.max(bounds.start()), end.min(bounds.end()));
@@ -307,11 +321,21 @@ impl FaultAround {
             start: clipped.start(),
             next: clipped.end(),
             window: size,
+            filled: false,
         });
         self.streams.truncate(MAX_STREAMS);
         Window {
             range: clipped,
             previous,
+            previous_filled,
+        }
+    }
+
+    /// Records that the window [`choose`](Self::choose) just returned was
+    /// filled.
+    pub(crate) fn mark_filled(&mut self) {
+        if let Some(s) = self.streams.front_mut() {
+            s.filled = true;
         }
     }
 }
@@ -366,7 +390,7 @@ impl AddressSpace {
             .map_err(|e| FaultError::from_mm(e, gpa, access))?;
         self.install_locked(&active, vr, vma, window)
             .map_err(|e| FaultError::from_mm(e, gpa, access))?;
-        let fill = self.plan_prefill_locked(&active, vr, vma, gpa, chosen);
+        let fill = self.plan_prefill_locked(&mut active, vr, vma, gpa, chosen);
         drop(active);
         drop(mapping);
         let prefilled = self.prefill(&fill);
@@ -394,13 +418,13 @@ impl AddressSpace {
     ///   `mapping` is read-locked and `active` locked.
     fn plan_prefill_locked(
         &self,
-        active: &ActiveState,
+        active: &mut ActiveState,
         vr: GuestRange,
         vma: &Vma,
         gpa: u64,
         chosen: Window,
     ) -> Vec<(GuestRange, bool)> {
-        let window = chosen.range;
+        let mut window = chosen.range;
         let budget = match self.opts.prefill {
             Prefill::Never => return Vec::new(),
             Prefill::Always { max_bytes } => max_bytes,
@@ -408,9 +432,15 @@ impl AddressSpace {
                 min_percent,
                 max_bytes,
             } => {
-                let (committed, total) = self.evidence_locked(active, vr, window, chosen.previous);
+                let (committed, total) = self.evidence_locked(active, vr, window, chosen);
                 if total == 0 || committed * 100 < total * u64::from(min_percent) {
                     return Vec::new();
+                }
+                // Leave the probe unfilled: the next fault of this stream
+                // measures it.
+                if window.len() > PREFILL_PROBE {
+                    window = Range::new_unchecked(window.start(), window.end() - PREFILL_PROBE);
+                    active.fault_around.mark_filled();
                 }
                 max_bytes
             }
@@ -455,11 +485,11 @@ impl AddressSpace {
     }
 
     /// The committed bytes and the total bytes of the evidence beside
-    /// `window`: the stream's previous window if there is one, else the
-    /// window-sized ranges on both sides inside the vma; each at most
-    /// [`PREFILL_EVIDENCE_MAX`] bytes, nearest the window. Only MemoryFile
-    /// pages can count as committed (other files' residency is not
-    /// guestmm's memory).
+    /// `window`: the stream's previous window if there is one (only its
+    /// probe if it was filled), else the window-sized ranges on both sides
+    /// inside the vma; each at most [`PREFILL_EVIDENCE_MAX`] bytes,
+    /// nearest the window. Only MemoryFile pages can count as committed
+    /// (other files' residency is not guestmm's memory).
     ///
     /// # Preconditions
     /// - `active` is locked.
@@ -468,10 +498,16 @@ impl AddressSpace {
         active: &ActiveState,
         vr: GuestRange,
         window: GuestRange,
-        previous: Option<GuestRange>,
+        chosen: Window,
     ) -> (u64, u64) {
         let cap = |len: u64| len.min(PREFILL_EVIDENCE_MAX);
-        let ranges: Vec<GuestRange> = match previous {
+        let ranges: Vec<GuestRange> = match chosen.previous {
+            Some(p) if chosen.previous_filled => {
+                vec![Range::new_unchecked(
+                    p.end() - p.len().min(PREFILL_PROBE),
+                    p.end(),
+                )]
+            }
             Some(p) => vec![Range::new_unchecked(p.end() - cap(p.len()), p.end())],
             None => {
                 let n = cap(window.len());

@@ -52,7 +52,7 @@ use crate::segment::SegmentSet;
 pub use backend::{AddressSpaceBackend, BackendError, NoopBackend, RecordingBackend};
 pub use check::check_file_refs;
 pub use extents::{Extent, ExtentBacking};
-pub use fault::{FaultError, Populated, Prefill, COW_CHUNK, PREFILL_EVIDENCE_MAX};
+pub use fault::{FaultError, Populated, Prefill, COW_CHUNK, PREFILL_EVIDENCE_MAX, PREFILL_PROBE};
 pub use guest_memory::SpaceMemory;
 pub use hostfile::HostFile;
 pub use io::{IoOpts, Pin};
