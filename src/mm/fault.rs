@@ -116,11 +116,14 @@ pub enum Prefill {
 }
 
 impl Default for Prefill {
-    /// `Dense` at 50 %, at most 128 MiB per fault.
+    /// `Dense` at 50 %, at most 1 GiB per fault: enough for the largest
+    /// windows a sequential stream grows to, so none is left half filled;
+    /// the probe, not the budget, is what keeps a sparse stream cheap. The
+    /// budget bounds how long one fault zeroes memory (~50 ms per GiB).
     fn default() -> Self {
         Prefill::Dense {
             min_percent: 50,
-            max_bytes: 128 << 20,
+            max_bytes: 1 << 30,
         }
     }
 }

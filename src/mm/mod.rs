@@ -184,7 +184,7 @@ pub struct AddressSpaceOptions {
     pub fault_around_max: u64,
     /// When a fault also fills the host page tables of the window it
     /// installs (commits it; see [`Prefill`]). Default: [`Prefill::Dense`]
-    /// at 50 %, at most 128 MiB per fault.
+    /// at 50 %, at most 1 GiB per fault.
     pub prefill: Prefill,
 }
 
