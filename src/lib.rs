@@ -56,6 +56,23 @@
 //! - **fault-around**: a fault populates an aligned window around the
 //!   faulting address, not one page, because exits and slot updates cost far
 //!   more than allocating memory that is never touched.
+//! - **prefill**: filling the host page tables of a window just installed
+//!   (`MADV_POPULATE_WRITE`), so KVM maps its pages without a host page
+//!   fault each.
+//!
+//! ## Prefill and copy-on-write granularity
+//!
+//! A fault-around window is mapped, not filled: without more, each 4 KiB
+//! page still costs a host page fault inside KVM on first touch. The fault
+//! path fills a window's host page tables when the memory beside it (the
+//! stream's previous window, or its neighbours) proved dense, so a
+//! sequential guest gets its windows filled while a sparse one commits
+//! only the pages it touches; [`mm::Prefill`] (an
+//! [`AddressSpaceOptions`](mm::AddressSpaceOptions) field) chooses
+//! `Dense` (default), `Always` or `Never` and caps what one fault fills.
+//! The fill runs with no lock held. Independently, a write fault on
+//! copy-on-write memory copies at most the 2 MiB chunk around it
+//! ([`mm::COW_CHUNK`]), however large the window; see [`mm::fault`].
 //!
 //! ## Lock order
 //!

@@ -45,6 +45,7 @@ fn opts() -> AddressSpaceOptions {
         map_floor: MIB,
         fault_around: 64 << 10,
         fault_around_max: MIB,
+        ..AddressSpaceOptions::default()
     }
 }
 

@@ -651,6 +651,7 @@ impl Guestmm {
             fault_around: window * PS,
             // One-page windows stay one page (difference 7).
             fault_around_max: if window == 1 { PS } else { 4 * window * PS },
+            ..AddressSpaceOptions::default()
         };
         let space = AddressSpace::new(mf.clone(), be.clone(), opts).unwrap();
         let objs = (0..OBJS)

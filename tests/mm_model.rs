@@ -442,6 +442,7 @@ fn opts(cfg: &Config) -> AddressSpaceOptions {
         map_floor: BASE,
         fault_around: cfg.fault_around,
         fault_around_max: cfg.fault_around_max,
+        ..AddressSpaceOptions::default()
     }
 }
 

@@ -52,6 +52,7 @@ mod gate;
 pub mod handler;
 mod native;
 mod operands;
+mod prefill;
 mod retry;
 pub mod slots;
 mod sys;

@@ -668,6 +668,29 @@ impl AddressSpaceBackend for SlotTable {
                 })?;
         }
     }
+
+    /// Populates the reservation over `range` (`MADV_POPULATE_WRITE`, or
+    /// `_READ` for read-only installs), without the table's lock: KVM then
+    /// finds the host pages present. A concurrent `remove` leaves
+    /// `PROT_NONE` reservation there, which the kernel refuses to populate
+    /// (an error, nothing resurrected).
+    fn prefill(&self, range: GuestRange, writable: bool) -> Result<u64, BackendError> {
+        self.check_range(range)?;
+        super::prefill::populate(
+            self.reservation.host_addr(range.start()),
+            range.len(),
+            writable,
+        )
+        .map_err(|source| BackendError::Host {
+            op: if writable {
+                "madvise(MADV_POPULATE_WRITE)"
+            } else {
+                "madvise(MADV_POPULATE_READ)"
+            },
+            source,
+        })?;
+        Ok(range.len())
+    }
 }
 
 impl Drop for SlotTable {

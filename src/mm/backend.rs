@@ -46,7 +46,8 @@ pub enum BackendError {
 ///
 /// guestmm calls these with its `active` lock held (lock order: mapping →
 /// active → backend), so implementations must not call back into the
-/// address space.
+/// address space. The exception is [`prefill`](Self::prefill), which it
+/// calls with no lock of its own held.
 ///
 /// Every range is non-empty and page aligned.
 pub trait AddressSpaceBackend: Send + Sync {
@@ -67,6 +68,22 @@ pub trait AddressSpaceBackend: Send + Sync {
     /// Makes what is installed in `range` read-only. Parts with nothing
     /// installed are ignored.
     fn write_protect(&self, range: GuestRange) -> Result<(), BackendError>;
+
+    /// Fills the host page tables behind `range`, which was installed
+    /// `writable` (or read-only) just before, so the guest's first accesses
+    /// there find present pages instead of taking a host page fault each.
+    /// Returns the bytes filled. This commits the memory behind `range`;
+    /// the fault path decides when that is worth it (see `mm::fault`).
+    ///
+    /// Called with no address-space lock held: `range` may have been
+    /// removed, re-protected or replaced meanwhile. An implementation
+    /// must then fill at most what is installed now (or fail with an
+    /// error, which the caller logs and ignores), never resurrect what
+    /// was removed. The default fills nothing.
+    fn prefill(&self, range: GuestRange, writable: bool) -> Result<u64, BackendError> {
+        let _ = (range, writable);
+        Ok(0)
+    }
 }
 
 /// A backend that does nothing (benchmarks of the mm core alone).
@@ -147,6 +164,7 @@ impl SegmentValue for Installed {
 #[derive(Default)]
 struct Recording {
     calls: Vec<BackendCall>,
+    prefills: Vec<(GuestRange, bool)>,
     installed: SegmentSet<Installed>,
     fail_installs_after: Option<usize>,
 }
@@ -169,9 +187,19 @@ impl RecordingBackend {
         self.lock().calls.clone()
     }
 
-    /// Forgets the recorded calls (the installed model stays).
+    /// Forgets the recorded calls and prefills (the installed model
+    /// stays).
     pub fn clear_calls(&self) {
-        self.lock().calls.clear();
+        let mut s = self.lock();
+        s.calls.clear();
+        s.prefills.clear();
+    }
+
+    /// Every [`prefill`](AddressSpaceBackend::prefill) call so far, in
+    /// order, as `(range, writable)`. Kept apart from [`calls`](Self::calls)
+    /// so tests of installs need not care about the prefill policy.
+    pub fn prefills(&self) -> Vec<(GuestRange, bool)> {
+        self.lock().prefills.clone()
     }
 
     /// What is installed now, as maximal extents.
@@ -253,5 +281,20 @@ impl AddressSpaceBackend for RecordingBackend {
         }
         s.installed.merge_range(range);
         Ok(())
+    }
+
+    /// Records the call; fills only what is installed in `range` (with
+    /// the writability asked for), like a real backend, and reports those
+    /// bytes.
+    fn prefill(&self, range: GuestRange, writable: bool) -> Result<u64, BackendError> {
+        let mut s = self.lock();
+        s.prefills.push((range, writable));
+        let filled = s
+            .installed
+            .iter_range(range)
+            .filter(|(_, v)| v.writable || !writable)
+            .map(|(r, _)| r.intersect(range).len())
+            .sum();
+        Ok(filled)
     }
 }

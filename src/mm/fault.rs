@@ -7,16 +7,126 @@
 //!   mapping.read ── vma at gpa? ── no ──► FaultError::Unmapped
 //!                   protection region at gpa allows access? ── no ──► FaultError::Permission
 //!   active.lock ── window = FaultAround::window(gpa, vma ∩ region)
-//!                  ensure_pmas_locked(window, access)   allocate / translate / break COW
-//!                  install_locked(window)               backend: memslots
+//!                  ensure_pmas(window, access)     allocate / translate; a write breaks
+//!                                                  COW in the 2 MiB chunk around gpa only
+//!                  install_locked(window)          backend: memslots
+//!                  plan the prefill                the Prefill policy, from what the
+//!                                                  stream's previous window committed
+//!   (no lock)      backend.prefill(pieces)         fill host page tables
 //! ```
+//!
+//! # Prefill
+//!
+//! An installed window is only *mapped*: with KVM, each 4 KiB page of it
+//! still takes a host page fault (inside KVM, no exit) on its first guest
+//! access. [`AddressSpaceBackend::prefill`](super::AddressSpaceBackend::prefill)
+//! fills the host page tables of a window in one call
+//! (`MADV_POPULATE_WRITE` / `_READ`), after which KVM maps pages without
+//! faulting the host; for a 256 MiB sequential touch that is about 9× fewer
+//! KVM page faults. But filling commits every page of the window, so
+//! filling blindly turns a sparse guest into a memory hog. [`Prefill`]
+//! decides, per fault:
+//!
+//! - [`Prefill::Dense`] (the default) fills a window when the evidence
+//!   beside it is dense: for a fault that continues a sequential stream,
+//!   the stream's previous window; otherwise the windows' worth of memory
+//!   on both sides of it (within the vma). Evidence is measured as the
+//!   committed (resident) share of the MemoryFile pages there (`mincore`),
+//!   over at most [`PREFILL_EVIDENCE_MAX`] bytes next to the window. A
+//!   sequential toucher gets every window after its first filled; a
+//!   strided or random sparse guest never does (its windows stay a page
+//!   or so committed), so it commits what it touches plus nothing.
+//! - [`Prefill::Always`] fills every window (a VMM that knows its guest is
+//!   dense, or benchmarks), [`Prefill::Never`] none.
+//!
+//! Each fault fills at most the policy's `max_bytes`, starting at the 2 MiB
+//! chunk holding the fault. The fill runs after the mm locks are released
+//! (zeroing costs ~100 µs per 2 MiB); a concurrent `remove` or
+//! re-protection of the window makes the backend fail or fill less, which
+//! is logged at debug level and otherwise ignored.
+//!
+//! A filled window is committed whatever the guest does with it, so under
+//! `Dense` the last [`PREFILL_PROBE`] bytes of a window stay unfilled: when
+//! the stream's next fault comes, the probe's residency is its evidence,
+//! and a stream that turns sparse stops getting fills after one window.
+//!
+//! Known limit: a guest that touches pages at random (the `scatter` test
+//! guest) installs every window while the memory beside it is still empty
+//! and gets no fills (filling installed windows later, once they prove
+//! dense, needs a trigger other than faults and is not done).
+//!
+//! # Copy-on-write
+//!
+//! A write fault breaks copy-on-write only in the [`COW_CHUNK`]-aligned
+//! chunk around the fault, not in the whole window: fault-around windows
+//! grow to tens of MiB, and copying all of one on the first write after a
+//! fork would copy far more than the guest writes. The rest of the window
+//! is populated and installed read-only; a later write there faults again.
 
 use std::collections::VecDeque;
 
-use super::{AddressSpace, BackendError, Counters, FileError, MmError};
+use std::sync::Arc;
+
+use super::vma::Vma;
+use super::{ActiveState, AddressSpace, BackendError, Counters, FileError, MmError};
 use crate::memfile::MemoryFileError;
 use crate::perms::{Access, Perms};
-use crate::range::{align_down, page_round_down, GuestRange, Range};
+use crate::range::{align_down, page_round_down, GuestRange, Range, HUGE_PAGE_SIZE};
+
+/// The most one write fault copies to break copy-on-write: the aligned
+/// chunk of this size around the fault (see the [module docs](self)).
+pub const COW_CHUNK: u64 = HUGE_PAGE_SIZE;
+
+/// The most bytes next to a window whose residency [`Prefill::Dense`]
+/// measures (bounds the `mincore` work of one fault).
+pub const PREFILL_EVIDENCE_MAX: u64 = 8 << 20;
+
+/// The tail of a window that [`Prefill::Dense`] leaves unfilled: a filled
+/// window is committed whatever the guest does, so when the stream's next
+/// fault comes, this tail (which the guest walked through just before)
+/// is the only part that still tells whether the guest touches densely.
+/// It costs the guest a host page fault per page of it (16 per window).
+pub const PREFILL_PROBE: u64 = 64 << 10;
+
+/// When the fault path fills the host page tables of a window it just
+/// installed ([`AddressSpaceBackend::prefill`](super::AddressSpaceBackend::prefill)).
+///
+/// Filling makes the guest's first access to each page cheap (no host page
+/// fault inside KVM) and commits every page filled. See the
+/// [module docs](self#prefill) for the trade-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefill {
+    /// Never fill: every page commits on the guest's first access to it.
+    Never,
+    /// Fill a window when the memory beside it (the stream's previous
+    /// window, or the neighbouring windows) is at least `min_percent`
+    /// committed. Values above 100 never fill.
+    Dense {
+        /// Committed share of the evidence, in percent, that makes a
+        /// window worth filling.
+        min_percent: u8,
+        /// The most one fault fills (rounded down to pages).
+        max_bytes: u64,
+    },
+    /// Fill every window a fault installs, up to `max_bytes` per fault.
+    Always {
+        /// The most one fault fills (rounded down to pages).
+        max_bytes: u64,
+    },
+}
+
+impl Default for Prefill {
+    /// `Dense` at 50 %, at most 1 GiB per fault: enough for the largest
+    /// windows a sequential stream grows to, so none is left half filled;
+    /// the probe, not the budget, is what keeps a sparse stream cheap. The
+    /// budget bounds how long one fault zeroes memory (~50 ms per GiB).
+    fn default() -> Self {
+        Prefill::Dense {
+            min_percent: 50,
+            max_bytes: 1 << 30,
+        }
+    }
+}
 
 /// Why a fault could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -125,14 +235,31 @@ pub struct Populated {
     pub cow_taken_over: u64,
     /// The protection at the address (what was installed is at most this).
     pub perms: Perms,
+    /// Bytes of the window whose host page tables were filled
+    /// ([`Prefill`]).
+    pub prefilled: u64,
 }
 
-/// A run of faults walking forward: the next address it expects and its
-/// current window size.
+/// A run of faults walking forward: its last window (`start..next`), the
+/// next address it expects, its current window size, and whether the last
+/// window was filled (all but its probe, see [`PREFILL_PROBE`]).
 #[derive(Debug, Clone, Copy)]
 struct Stream {
+    start: u64,
     next: u64,
     window: u64,
+    filled: bool,
+}
+
+/// What [`FaultAround::choose`] picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    /// The window to populate and install.
+    pub range: GuestRange,
+    /// The previous window of the stream this fault continues, if any.
+    pub previous: Option<GuestRange>,
+    /// Whether `previous` was filled (all but its probe).
+    pub previous_filled: bool,
 }
 
 /// The fault-around policy: the aligned window of `initial` bytes around a
@@ -157,24 +284,32 @@ impl FaultAround {
         }
     }
 
+    /// `choose(gpa, bounds).range` (the unit tests' shorthand).
+    #[cfg(test)]
+    pub(crate) fn window(&mut self, gpa: u64, bounds: GuestRange) -> GuestRange {
+        self.choose(gpa, bounds).range
+    }
+
     /// The window for a fault at `gpa`, clipped to `bounds` (the vma and the
-    /// protection region holding `gpa`).
+    /// protection region holding `gpa`), and the previous window of the
+    /// stream the fault continues.
     ///
     /// # Preconditions
     /// - `bounds` is page aligned and contains `gpa`.
-    pub(crate) fn window(&mut self, gpa: u64, bounds: GuestRange) -> GuestRange {
+    pub(crate) fn choose(&mut self, gpa: u64, bounds: GuestRange) -> Window {
         debug_assert!(bounds.contains(gpa));
         let hit = self
             .streams
             .iter()
             .position(|s| s.next <= gpa && gpa - s.next < s.window);
-        let (start, size) = match hit {
+        let (start, size, previous, previous_filled) = match hit {
             Some(i) => {
                 let s = self.streams.remove(i).expect("position is valid");
                 let size = (s.window * 2).min(self.max);
-                (s.next, size)
+                let previous = Range::new_unchecked(s.start, s.next);
+                (s.next, size, Some(previous), s.filled)
             }
-            None => (align_down(gpa, self.initial), self.initial),
+            None => (align_down(gpa, self.initial), self.initial, None, false),
         };
         let end = start.saturating_add(size);
         let clipped = Range::new_unchecked(start.max(bounds.start()), end.min(bounds.end()));
@@ -186,11 +321,25 @@ impl FaultAround {
             Range::new_unchecked(start, (start + crate::PAGE_SIZE).min(bounds.end()))
         };
         self.streams.push_front(Stream {
+            start: clipped.start(),
             next: clipped.end(),
             window: size,
+            filled: false,
         });
         self.streams.truncate(MAX_STREAMS);
-        clipped
+        Window {
+            range: clipped,
+            previous,
+            previous_filled,
+        }
+    }
+
+    /// Records that the window [`choose`](Self::choose) just returned was
+    /// filled.
+    pub(crate) fn mark_filled(&mut self) {
+        if let Some(s) = self.streams.front_mut() {
+            s.filled = true;
+        }
     }
 }
 
@@ -234,15 +383,22 @@ impl AddressSpace {
             bounds = Range::new_unchecked(bounds.start(), bounds.end().min(end));
         }
         let mut active = self.lock_active();
-        let window = active.fault_around.window(gpa, bounds);
+        let chosen = active.fault_around.choose(gpa, bounds);
+        let window = chosen.range;
         Counters::add(&self.counters.windows, 1);
+        let chunk = align_down(gpa, COW_CHUNK);
+        let cow = window.intersect(Range::new_unchecked(chunk, chunk.saturating_add(COW_CHUNK)));
         let report = self
-            .ensure_pmas_locked(&mut active, vr, vma, window, access)
+            .ensure_pmas_cow_in_locked(&mut active, vr, vma, window, access, cow)
             .map_err(|e| FaultError::from_mm(e, gpa, access))?;
         self.install_locked(&active, vr, vma, window)
             .map_err(|e| FaultError::from_mm(e, gpa, access))?;
+        let fill = self.plan_prefill_locked(&mut active, vr, vma, gpa, chosen);
+        drop(active);
+        drop(mapping);
+        let prefilled = self.prefill(&fill);
         log::trace!(
-            "space {}: {access} fault at {gpa:#x} -> {window} {report:?}",
+            "space {}: {access} fault at {gpa:#x} -> {window} {report:?} prefilled {prefilled:#x}",
             self.id
         );
         Ok(Populated {
@@ -251,7 +407,162 @@ impl AddressSpace {
             cow_copied: report.cow_copied,
             cow_taken_over: report.cow_taken_over,
             perms: region.perms,
+            prefilled,
         })
+    }
+
+    /// The pieces of the window just installed to fill, as `(range,
+    /// writable)`, per the [`Prefill`] policy: the installed (readable)
+    /// parts of `chosen.range`, from the chunk holding `gpa` on, up to the
+    /// policy's budget.
+    ///
+    /// # Preconditions
+    /// - `chosen.range` lies in vma `vr` (`vma`), populated and installed;
+    ///   `mapping` is read-locked and `active` locked.
+    fn plan_prefill_locked(
+        &self,
+        active: &mut ActiveState,
+        vr: GuestRange,
+        vma: &Vma,
+        gpa: u64,
+        chosen: Window,
+    ) -> Vec<(GuestRange, bool)> {
+        let mut window = chosen.range;
+        let budget = match self.opts.prefill {
+            Prefill::Never => return Vec::new(),
+            Prefill::Always { max_bytes } => max_bytes,
+            Prefill::Dense {
+                min_percent,
+                max_bytes,
+            } => {
+                let (committed, total) = self.evidence_locked(active, vr, window, chosen);
+                if total == 0 || committed * 100 < total * u64::from(min_percent) {
+                    return Vec::new();
+                }
+                // Leave the probe unfilled: the next fault of this stream
+                // measures it.
+                if window.len() > PREFILL_PROBE {
+                    window = Range::new_unchecked(window.start(), window.end() - PREFILL_PROBE);
+                    active.fault_around.mark_filled();
+                }
+                max_bytes
+            }
+        };
+        let mut budget = page_round_down(budget);
+        // What install_locked installed: readable regions, per pma, with
+        // their writability; GPA-adjacent pieces of one writability joined.
+        let mut pieces: Vec<(GuestRange, bool)> = Vec::new();
+        for region in vma.protection.regions(vr, window) {
+            if !region.perms.read {
+                continue;
+            }
+            for (pr, pma) in active.pmas.iter_range(region.range) {
+                let part = pr.intersect(region.range);
+                let writable = pma.writable_under(region.perms);
+                match pieces.last_mut() {
+                    Some((r, w)) if *w == writable && r.end() == part.start() => {
+                        *r = Range::new_unchecked(r.start(), part.end());
+                    }
+                    _ => pieces.push((part, writable)),
+                }
+            }
+        }
+        // The chunk holding the fault first (the guest is about to touch
+        // it), then forward, then what lies before it.
+        let split = align_down(gpa, HUGE_PAGE_SIZE).max(window.start());
+        let after = Range::new_unchecked(split, window.end());
+        let before = Range::new_unchecked(window.start(), split);
+        let mut out = Vec::new();
+        for part in [after, before] {
+            for &(r, w) in &pieces {
+                let r = r.intersect(part);
+                if r.is_empty() || budget == 0 {
+                    continue;
+                }
+                let len = r.len().min(budget);
+                budget -= len;
+                out.push((Range::new_unchecked(r.start(), r.start() + len), w));
+            }
+        }
+        out
+    }
+
+    /// The committed bytes and the total bytes of the evidence beside
+    /// `window`: the stream's previous window if there is one (only its
+    /// probe if it was filled), else the window-sized ranges on both sides
+    /// inside the vma; each at most [`PREFILL_EVIDENCE_MAX`] bytes,
+    /// nearest the window. Only MemoryFile pages can count as committed
+    /// (other files' residency is not guestmm's memory).
+    ///
+    /// # Preconditions
+    /// - `active` is locked.
+    fn evidence_locked(
+        &self,
+        active: &ActiveState,
+        vr: GuestRange,
+        window: GuestRange,
+        chosen: Window,
+    ) -> (u64, u64) {
+        let cap = |len: u64| len.min(PREFILL_EVIDENCE_MAX);
+        let ranges: Vec<GuestRange> = match chosen.previous {
+            Some(p) if chosen.previous_filled => {
+                vec![Range::new_unchecked(
+                    p.end() - p.len().min(PREFILL_PROBE),
+                    p.end(),
+                )]
+            }
+            Some(p) => vec![Range::new_unchecked(p.end() - cap(p.len()), p.end())],
+            None => {
+                let n = cap(window.len());
+                vec![
+                    Range::new_unchecked(
+                        window.start().saturating_sub(n).max(vr.start()),
+                        window.start(),
+                    ),
+                    Range::new_unchecked(
+                        window.end(),
+                        window.end().saturating_add(n).min(vr.end()),
+                    ),
+                ]
+            }
+        };
+        let total: u64 = ranges.iter().map(|r| r.len()).sum();
+        let file_ranges: Vec<crate::range::FileRange> = ranges
+            .iter()
+            .filter(|r| !r.is_empty())
+            .flat_map(|&r| {
+                active
+                    .pmas
+                    .iter_range(r)
+                    .filter(|(_, p)| {
+                        std::ptr::addr_eq(Arc::as_ptr(&p.file), Arc::as_ptr(&self.memfile))
+                    })
+                    .map(move |(pr, p)| p.file_range(pr, pr.intersect(r)))
+            })
+            .collect();
+        let committed = self.memfile.committed_in(&file_ranges).unwrap_or_else(|e| {
+            log::debug!("space {}: prefill evidence unknown: {e}", self.id);
+            0
+        });
+        (committed, total)
+    }
+
+    /// Fills `pieces` through the backend (no lock held); returns the bytes
+    /// filled. Failures (a concurrent remove or re-protection) are logged
+    /// and ignored: the guest's accesses fault the pages in as usual.
+    fn prefill(&self, pieces: &[(GuestRange, bool)]) -> u64 {
+        let mut filled = 0;
+        for &(range, writable) in pieces {
+            match self.backend.prefill(range, writable) {
+                Ok(n) => filled += n,
+                Err(e) => log::debug!("space {}: prefill {range}: {e}", self.id),
+            }
+        }
+        if filled > 0 {
+            Counters::add(&self.counters.prefilled_windows, 1);
+            Counters::add(&self.counters.prefilled_bytes, filled);
+        }
+        filled
     }
 }
 

@@ -52,7 +52,7 @@ use crate::segment::SegmentSet;
 pub use backend::{AddressSpaceBackend, BackendError, NoopBackend, RecordingBackend};
 pub use check::check_file_refs;
 pub use extents::{Extent, ExtentBacking};
-pub use fault::{FaultError, Populated};
+pub use fault::{FaultError, Populated, Prefill, COW_CHUNK, PREFILL_EVIDENCE_MAX, PREFILL_PROBE};
 pub use guest_memory::SpaceMemory;
 pub use hostfile::HostFile;
 pub use io::{IoOpts, Pin};
@@ -182,6 +182,10 @@ pub struct AddressSpaceOptions {
     pub fault_around: u64,
     /// Largest window sequential faults grow to (≥ `fault_around`).
     pub fault_around_max: u64,
+    /// When a fault also fills the host page tables of the window it
+    /// installs (commits it; see [`Prefill`]). Default: [`Prefill::Dense`]
+    /// at 50 %, at most 1 GiB per fault.
+    pub prefill: Prefill,
 }
 
 impl Default for AddressSpaceOptions {
@@ -191,6 +195,7 @@ impl Default for AddressSpaceOptions {
             map_floor: 1 << 20,
             fault_around: HUGE_PAGE_SIZE,
             fault_around_max: 32 << 20,
+            prefill: Prefill::default(),
         }
     }
 }
@@ -205,6 +210,8 @@ pub(crate) struct Counters {
     pub cow_copied_bytes: AtomicU64,
     pub cow_takeovers: AtomicU64,
     pub installs: AtomicU64,
+    pub prefilled_windows: AtomicU64,
+    pub prefilled_bytes: AtomicU64,
 }
 
 impl Counters {

@@ -189,7 +189,27 @@ impl AddressSpace {
         range: GuestRange,
         access: Access,
     ) -> Result<PopulateReport, MmError> {
+        self.ensure_pmas_cow_in_locked(active, vr, vma, range, access, range)
+    }
+
+    /// [`ensure_pmas_locked`](Self::ensure_pmas_locked), but a write breaks
+    /// copy-on-write only in `cow` (the fault path caps what one write
+    /// fault copies; the rest of `range` keeps its copy-on-write pmas and is
+    /// installed read-only).
+    ///
+    /// # Preconditions
+    /// - as for `ensure_pmas_locked`; `cow` is page aligned and inside `range`.
+    pub(crate) fn ensure_pmas_cow_in_locked(
+        &self,
+        active: &mut ActiveState,
+        vr: GuestRange,
+        vma: &Vma,
+        range: GuestRange,
+        access: Access,
+        cow: GuestRange,
+    ) -> Result<PopulateReport, MmError> {
         debug_assert!(vr.is_superset_of(range) && range.is_page_aligned() && !range.is_empty());
+        debug_assert!(range.is_superset_of(cow) && cow.is_page_aligned());
         let mut report = PopulateReport::default();
         let holes: Vec<GuestRange> = active.pmas.gaps(range).collect();
         for hole in holes {
@@ -259,8 +279,8 @@ impl AddressSpace {
             }
             report.populated += hole.len();
         }
-        if access == Access::Write {
-            let cow = self.break_cow_locked(active, range)?;
+        if access == Access::Write && !cow.is_empty() {
+            let cow = self.break_cow_locked(active, cow)?;
             report.cow_copied += cow.cow_copied;
             report.cow_taken_over += cow.cow_taken_over;
         }

@@ -69,6 +69,11 @@ pub struct Stats {
     pub cow_takeovers: u64,
     /// Backend install calls.
     pub installs: u64,
+    /// Fault-around windows whose host page tables were (partly) filled
+    /// ([`Prefill`](super::Prefill)).
+    pub prefilled_windows: u64,
+    /// Bytes filled by those (committed by the fill, not by the guest).
+    pub prefilled_bytes: u64,
 }
 
 impl AddressSpace {
@@ -152,6 +157,8 @@ impl AddressSpace {
             cow_copied_bytes: load(&c.cow_copied_bytes),
             cow_takeovers: load(&c.cow_takeovers),
             installs: load(&c.installs),
+            prefilled_windows: load(&c.prefilled_windows),
+            prefilled_bytes: load(&c.prefilled_bytes),
         }
     }
 }

@@ -1,0 +1,285 @@
+//! The prefill policy and the copy-on-write cap of the fault path, through
+//! the RecordingBackend: which windows get filled for a sequential, a
+//! sparse and a backward fault stream, what one write fault copies.
+//!
+//! A "guest touch" here is a host write of the page (it commits the
+//! MemoryFile page, as the guest's store through the memslot would); a
+//! fault is taken only where the backend has nothing installed, as KVM
+//! exits only there.
+
+mod common;
+use common::memfile;
+
+use std::sync::Arc;
+
+use guestmm::memfile::MemoryFile;
+use guestmm::mm::{
+    AddressSpace, AddressSpaceOptions, MapOpts, Prefill, RecordingBackend, PREFILL_PROBE,
+};
+use guestmm::{Access, Range, PAGE_SIZE};
+
+const MIB: u64 = 1 << 20;
+const GPA: u64 = 1 << 30;
+
+fn r(s: u64, e: u64) -> Range {
+    Range::new(s, e).unwrap()
+}
+
+fn space_with(
+    name: &str,
+    opts: AddressSpaceOptions,
+) -> (Arc<MemoryFile>, Arc<RecordingBackend>, Arc<AddressSpace>) {
+    let mf = memfile(name);
+    let be = Arc::new(RecordingBackend::new());
+    let space = AddressSpace::new(mf.clone(), be.clone(), opts).unwrap();
+    (mf, be, space)
+}
+
+/// Touches `gpa` as a guest would: a fault if nothing is installed there,
+/// then a store. Returns the window and the bytes prefilled if it faulted.
+fn touch(be: &RecordingBackend, space: &AddressSpace, gpa: u64) -> Option<(Range, u64)> {
+    let faulted = if be.installed_at(gpa).is_none() {
+        let p = space.handle_fault(gpa, Access::Write).unwrap();
+        Some((p.window, p.prefilled))
+    } else {
+        None
+    };
+    space.write(gpa, &gpa.to_le_bytes()).unwrap();
+    faulted
+}
+
+#[test]
+fn a_sequential_stream_gets_every_window_after_its_first_filled() {
+    let (_mf, be, space) = space_with("prefill-seq", AddressSpaceOptions::default());
+    space.map(MapOpts::anonymous(64 * MIB).fixed(GPA)).unwrap();
+    let mut windows = Vec::new();
+    for gpa in (GPA..GPA + 64 * MIB).step_by(PAGE_SIZE as usize) {
+        if let Some(w) = touch(&be, &space, gpa) {
+            windows.push(w);
+        }
+    }
+    let sizes: Vec<u64> = windows.iter().map(|(w, _)| w.len() / MIB).collect();
+    assert_eq!(sizes, vec![2, 4, 8, 16, 32, 2], "window sizes in MiB");
+    assert_eq!(windows[0].1, 0, "nothing shows the first window is dense");
+    for &(w, filled) in &windows[1..] {
+        assert_eq!(
+            filled,
+            w.len() - PREFILL_PROBE,
+            "window {w} follows a dense one: filled but for its probe"
+        );
+    }
+    let want: Vec<(Range, bool)> = windows[1..]
+        .iter()
+        .map(|&(w, _)| (r(w.start(), w.end() - PREFILL_PROBE), true))
+        .collect();
+    assert_eq!(be.prefills(), want);
+    let st = space.stats();
+    assert_eq!(st.prefilled_windows, 5);
+    assert_eq!(st.prefilled_bytes, 62 * MIB - 5 * PREFILL_PROBE);
+    assert_eq!(st.committed_bytes, 64 * MIB);
+    space.check_invariants().unwrap();
+}
+
+#[test]
+fn a_stream_that_turns_sparse_stops_being_filled_after_one_window() {
+    let (_mf, be, space) = space_with("prefill-turn", AddressSpaceOptions::default());
+    space.map(MapOpts::anonymous(256 * MIB).fixed(GPA)).unwrap();
+    // Dense through the first 2 MiB window, then one page per 64 KiB.
+    let mut windows = Vec::new();
+    for gpa in (GPA..GPA + 2 * MIB).step_by(PAGE_SIZE as usize) {
+        windows.extend(touch(&be, &space, gpa));
+    }
+    for gpa in (GPA + 2 * MIB..GPA + 256 * MIB).step_by(64 << 10) {
+        windows.extend(touch(&be, &space, gpa));
+    }
+    // The 4 MiB window after the dense one is filled; its probe then shows
+    // one page in 16 and nothing after it is.
+    let filled = windows.iter().filter(|&&(_, f)| f > 0).count();
+    assert_eq!(filled, 1, "{windows:?}");
+    assert_eq!(
+        windows[1],
+        (r(GPA + 2 * MIB, GPA + 6 * MIB), 4 * MIB - PREFILL_PROBE)
+    );
+    let st = space.stats();
+    // Touched: 512 pages, then one per 64 KiB (the recording backend's
+    // fills commit nothing; kvm_prefill checks that real ones do).
+    let sparse_pages = 254 * MIB / (64 << 10);
+    assert_eq!(st.committed_bytes, (512 + sparse_pages) * PAGE_SIZE);
+    assert_eq!(
+        (st.prefilled_windows, st.prefilled_bytes),
+        (1, 4 * MIB - PREFILL_PROBE)
+    );
+}
+
+#[test]
+fn a_sparse_stream_gets_nothing_filled_and_commits_what_it_touches() {
+    let (_mf, be, space) = space_with("prefill-sparse", AddressSpaceOptions::default());
+    let len = 1 << 30;
+    space.map(MapOpts::anonymous(len).fixed(GPA)).unwrap();
+    let mut faults = 0;
+    let mut touched = 0;
+    for gpa in (GPA..GPA + len).step_by(2 * MIB as usize) {
+        faults += u64::from(touch(&be, &space, gpa).is_some());
+        touched += 1;
+    }
+    assert!(be.prefills().is_empty(), "prefilled {:?}", be.prefills());
+    let st = space.stats();
+    assert_eq!((st.prefilled_windows, st.prefilled_bytes), (0, 0));
+    assert_eq!(st.committed_bytes, touched * PAGE_SIZE);
+    assert_eq!(
+        st.populated_bytes, len,
+        "windows still grow along the stride"
+    );
+    assert!(faults < 50, "{faults} faults for {touched} touches");
+}
+
+#[test]
+fn a_jump_next_to_dense_memory_is_filled_and_one_next_to_sparse_memory_is_not() {
+    let (_mf, be, space) = space_with("prefill-jump", AddressSpaceOptions::default());
+    space.map(MapOpts::anonymous(64 * MIB).fixed(GPA)).unwrap();
+    // A dense 2 MiB window at the top, walked backwards: each new window
+    // is a jump down (no stream), its upper neighbour fully committed.
+    let top = GPA + 62 * MIB;
+    assert_eq!(touch(&be, &space, top), Some((r(top, top + 2 * MIB), 0)));
+    space.write(top, &vec![1u8; 2 * MIB as usize]).unwrap();
+    let below = top - 2 * MIB;
+    let (w, filled) = touch(&be, &space, below + 5 * PAGE_SIZE).unwrap();
+    assert_eq!((w, filled), (r(below, top), 2 * MIB - PREFILL_PROBE));
+    // A window at the bottom, touched once, then its neighbour: 1 page of
+    // 2 MiB committed is no evidence of density.
+    touch(&be, &space, GPA);
+    assert_eq!(touch(&be, &space, GPA + 6 * MIB).map(|(_, f)| f), Some(0));
+    assert_eq!(be.prefills(), vec![(r(below, top - PREFILL_PROBE), true)]);
+}
+
+#[test]
+fn always_fills_up_to_the_budget_from_the_faulting_chunk_and_never_fills_nothing() {
+    let opts = AddressSpaceOptions {
+        fault_around: 32 * MIB,
+        fault_around_max: 32 * MIB,
+        prefill: Prefill::Always { max_bytes: 5 * MIB },
+        ..AddressSpaceOptions::default()
+    };
+    let (_mf, be, space) = space_with("prefill-always", opts.clone());
+    space.map(MapOpts::anonymous(32 * MIB).fixed(GPA)).unwrap();
+    let p = space.handle_fault(GPA + 29 * MIB, Access::Read).unwrap();
+    assert_eq!(p.window, r(GPA, GPA + 32 * MIB));
+    assert_eq!(p.prefilled, 5 * MIB);
+    assert_eq!(
+        be.prefills(),
+        vec![
+            (r(GPA + 28 * MIB, GPA + 32 * MIB), true),
+            (r(GPA, GPA + MIB), true)
+        ],
+        "the chunk holding the fault and what follows first, then the window's start"
+    );
+
+    let never = AddressSpaceOptions {
+        prefill: Prefill::Never,
+        ..opts
+    };
+    let (_mf, be, space) = space_with("prefill-never", never);
+    space.map(MapOpts::anonymous(64 * MIB).fixed(GPA)).unwrap();
+    for gpa in (GPA..GPA + 64 * MIB).step_by(PAGE_SIZE as usize) {
+        touch(&be, &space, gpa);
+    }
+    assert!(be.prefills().is_empty());
+    assert_eq!(space.stats().prefilled_windows, 0);
+}
+
+#[test]
+fn copy_on_write_parts_are_filled_read_only() {
+    let opts = AddressSpaceOptions {
+        fault_around: 4 * MIB,
+        fault_around_max: 4 * MIB,
+        prefill: Prefill::Always {
+            max_bytes: 64 * MIB,
+        },
+        ..AddressSpaceOptions::default()
+    };
+    let (_mf, _be, parent) = space_with("prefill-cow", opts);
+    parent.map(MapOpts::anonymous(4 * MIB).fixed(GPA)).unwrap();
+    parent.write(GPA, &vec![7u8; 4 * MIB as usize]).unwrap();
+    let child_be = Arc::new(RecordingBackend::new());
+    let child = parent.fork(child_be.clone()).unwrap();
+    let p = child.handle_fault(GPA + MIB, Access::Read).unwrap();
+    assert_eq!(p.prefilled, 4 * MIB);
+    assert_eq!(child_be.prefills(), vec![(r(GPA, GPA + 4 * MIB), false)]);
+}
+
+/// A parent whose 32 MiB anonymous vma is populated (one 32 MiB window)
+/// and written, then forked: all of it copy-on-write on both sides.
+fn forked_32m() -> (Arc<RecordingBackend>, Arc<AddressSpace>, Arc<AddressSpace>) {
+    let opts = AddressSpaceOptions {
+        fault_around: 32 * MIB,
+        fault_around_max: 32 * MIB,
+        prefill: Prefill::Never,
+        ..AddressSpaceOptions::default()
+    };
+    let (_mf, be, parent) = space_with("cow-cap", opts);
+    parent.map(MapOpts::anonymous(32 * MIB).fixed(GPA)).unwrap();
+    let p = parent.handle_fault(GPA, Access::Write).unwrap();
+    assert_eq!(p.window.len(), 32 * MIB);
+    for mib in 0..32 {
+        parent.write(GPA + mib * MIB, &[mib as u8 + 1; 16]).unwrap();
+    }
+    let child = parent.fork(Arc::new(RecordingBackend::new())).unwrap();
+    (be, parent, child)
+}
+
+#[test]
+fn a_write_fault_in_a_32m_copy_on_write_window_copies_2m() {
+    let (be, parent, child) = forked_32m();
+    let p = parent
+        .handle_fault(GPA + 13 * MIB + 12345, Access::Write)
+        .unwrap();
+    assert_eq!(
+        p.window,
+        r(GPA, GPA + 32 * MIB),
+        "the window is still 32 MiB"
+    );
+    assert_eq!(p.cow_copied, 2 * MIB);
+    let st = parent.stats();
+    assert_eq!((st.cow_copies, st.cow_copied_bytes), (1, 2 * MIB));
+    let (w, inst) = be.installed_at(GPA + 13 * MIB).unwrap();
+    assert!(inst.writable);
+    assert_eq!(
+        w,
+        r(GPA + 12 * MIB, GPA + 14 * MIB),
+        "only the chunk is writable"
+    );
+    assert!(!be.installed_at(GPA).unwrap().1.writable);
+    assert!(!be.installed_at(GPA + 14 * MIB).unwrap().1.writable);
+    // The next write elsewhere copies its own chunk.
+    let p = parent.handle_fault(GPA + 31 * MIB, Access::Write).unwrap();
+    assert_eq!(p.cow_copied, 2 * MIB);
+    assert_eq!(parent.stats().cow_copied_bytes, 4 * MIB);
+    // Contents: both sides still see what was written before the fork.
+    for mib in 0..32 {
+        for space in [&parent, &child] {
+            let mut b = [0u8; 16];
+            space.read(GPA + mib * MIB, &mut b).unwrap();
+            assert_eq!(b, [mib as u8 + 1; 16], "at {mib} MiB");
+        }
+    }
+    parent.check_invariants().unwrap();
+    child.check_invariants().unwrap();
+}
+
+#[test]
+fn a_write_fault_copies_within_its_window_only() {
+    // A window smaller than the chunk copies the window, not the chunk.
+    let opts = AddressSpaceOptions {
+        fault_around: 64 << 10,
+        fault_around_max: 64 << 10,
+        prefill: Prefill::Never,
+        ..AddressSpaceOptions::default()
+    };
+    let (_mf, _be, parent) = space_with("cow-small", opts);
+    parent.map(MapOpts::anonymous(4 * MIB).fixed(GPA)).unwrap();
+    parent.write(GPA, &vec![3u8; 4 * MIB as usize]).unwrap();
+    let _child = parent.fork(Arc::new(RecordingBackend::new())).unwrap();
+    let p = parent.handle_fault(GPA + MIB, Access::Write).unwrap();
+    assert_eq!(p.window.len(), 64 << 10);
+    assert_eq!(p.cow_copied, 64 << 10);
+}
