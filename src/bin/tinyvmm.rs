@@ -5,7 +5,7 @@
 //!   --ram-mib N              RAM size (default 64)
 //!   --vcpus N                vCPUs (default: what the guest needs)
 //!   --fault-around-kib N     first fault-around window (default 2048)
-//!   --fault-around-max-kib N largest window (default 32768)
+//!   --fault-around-max-kib N largest window (default 1048576)
 //!   --eager                  RAM as one slot registered up front (baseline)
 //!   --max-slots N            memslot cap
 //!   --lazy-merge N           slot budget N (MergePolicy::Lazy, the default with 32):

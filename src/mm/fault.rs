@@ -181,6 +181,11 @@ pub enum FaultError {
     },
 }
 
+/// True if `e` is the memory file running out of room.
+fn is_out_of_memory(e: &MmError) -> bool {
+    matches!(e, MmError::Memory(_) | MmError::File(FileError::Memory(_)))
+}
+
 impl FaultError {
     /// True for faults the guest caused (as opposed to host resource limits).
     pub fn is_guest_violation(&self) -> bool {
@@ -383,14 +388,34 @@ impl AddressSpace {
             bounds = Range::new_unchecked(bounds.start(), bounds.end().min(end));
         }
         let mut active = self.lock_active();
-        let chosen = active.fault_around.choose(gpa, bounds);
-        let window = chosen.range;
+        let mut chosen = active.fault_around.choose(gpa, bounds);
         Counters::add(&self.counters.windows, 1);
         let chunk = align_down(gpa, COW_CHUNK);
-        let cow = window.intersect(Range::new_unchecked(chunk, chunk.saturating_add(COW_CHUNK)));
-        let report = self
-            .ensure_pmas_cow_in_locked(&mut active, vr, vma, window, access, cow)
-            .map_err(|e| FaultError::from_mm(e, gpa, access))?;
+        let chunk = Range::new_unchecked(chunk, chunk.saturating_add(COW_CHUNK));
+        let report = match self.ensure_pmas_cow_in_locked(
+            &mut active,
+            vr,
+            vma,
+            chosen.range,
+            access,
+            chosen.range.intersect(chunk),
+        ) {
+            // A grown window may not fit under the memory file's limit
+            // while the page does: the guest must not die of fault-around.
+            Err(e) if is_out_of_memory(&e) && chosen.range.len() > crate::PAGE_SIZE => {
+                let page = page_round_down(gpa);
+                chosen.range = Range::new_unchecked(page, page + crate::PAGE_SIZE);
+                log::debug!(
+                    "space {}: window at {gpa:#x} out of memory, one page",
+                    self.id
+                );
+                let cow = chosen.range.intersect(chunk);
+                self.ensure_pmas_cow_in_locked(&mut active, vr, vma, chosen.range, access, cow)
+            }
+            r => r,
+        }
+        .map_err(|e| FaultError::from_mm(e, gpa, access))?;
+        let window = chosen.range;
         self.install_locked(&active, vr, vma, window)
             .map_err(|e| FaultError::from_mm(e, gpa, access))?;
         let fill = self.plan_prefill_locked(&mut active, vr, vma, gpa, chosen);

@@ -180,7 +180,8 @@ pub struct AddressSpaceOptions {
     pub map_floor: u64,
     /// Fault-around window of a first fault (a power of two, ≥ a page).
     pub fault_around: u64,
-    /// Largest window sequential faults grow to (≥ `fault_around`).
+    /// Largest window sequential faults grow to (≥ `fault_around`;
+    /// default [`DEFAULT_FAULT_AROUND_MAX`]).
     pub fault_around_max: u64,
     /// When a fault also fills the host page tables of the window it
     /// installs (commits it; see [`Prefill`]). Default: [`Prefill::Dense`]
@@ -188,13 +189,21 @@ pub struct AddressSpaceOptions {
     pub prefill: Prefill,
 }
 
+/// The default largest fault-around window: 1 GiB. Windows double along a
+/// sequential stream, so a run of S bytes takes O(log S) faults and (under
+/// the default slot policy) O(log S) memslots; a window only maps memory,
+/// it commits nothing the guest does not touch (unless prefilled, see
+/// [`Prefill`]), and a write fault copies at most 2 MiB of copy-on-write
+/// memory whatever the window.
+pub const DEFAULT_FAULT_AROUND_MAX: u64 = 1 << 30;
+
 impl Default for AddressSpaceOptions {
     fn default() -> Self {
         AddressSpaceOptions {
             size: 1 << 46,
             map_floor: 1 << 20,
             fault_around: HUGE_PAGE_SIZE,
-            fault_around_max: 32 << 20,
+            fault_around_max: DEFAULT_FAULT_AROUND_MAX,
             prefill: Prefill::default(),
         }
     }

@@ -65,7 +65,7 @@ impl Default for RunOptions {
             ram_size: 64 << 20,
             vcpus: None,
             fault_around: HUGE_PAGE_SIZE,
-            fault_around_max: 32 << 20,
+            fault_around_max: crate::mm::DEFAULT_FAULT_AROUND_MAX,
             eager: false,
             max_slots: None,
             memfile_max: None,
