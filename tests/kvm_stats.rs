@@ -1,10 +1,15 @@
 //! KVM's own counters (`KVM_GET_STATS_FD`) around a real guest: the `touch`
 //! guest writes every page of fresh lazy RAM, and KVM must have counted page
-//! faults for it, per vCPU and summed through the runner's report.
+//! faults for it, per vCPU and summed through the runner's report, and
+//! `tinyvmm --stats`/`--json` must show them.
 
 mod common;
 
-use guestmm::kvm::{KvmStatsError, KvmStatsFd};
+use std::process::Command;
+use std::sync::Arc;
+
+use guestmm::kvm::{KvmStatsError, KvmStatsFd, Vm, VmOptions};
+use guestmm::memfile::{MemoryFile, MemoryFileOptions};
 use guestmm::vmm::guests;
 use guestmm::vmm::runner::{run_guest, RunOptions};
 
@@ -70,4 +75,74 @@ fn a_vcpu_of_a_fresh_vm_has_no_faults_yet() {
     assert_eq!(s.get("pf_taken"), Some(0));
     assert_eq!(s.get("exits"), Some(0));
     assert!(s.stats.len() > 10, "only {} vCPU stats", s.stats.len());
+}
+
+#[test]
+fn vm_and_vcpu_accessors_read_and_sum() {
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
+    let memfile = Arc::new(MemoryFile::new("kvm-stats", MemoryFileOptions::default()).unwrap());
+    let vm = Vm::new(&kvm, memfile, VmOptions::default()).unwrap();
+    let (a, b) = (vm.create_vcpu(0).unwrap(), vm.create_vcpu(1).unwrap());
+    let one = match a.kvm_stats() {
+        Ok(s) => s,
+        Err(KvmStatsError::Unsupported(e)) => {
+            eprintln!("skipping: KVM_GET_STATS_FD unsupported here ({e})");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    assert!(one.id.ends_with("vcpu-0"), "vcpu id {:?}", one.id);
+    let both = vm.kvm_stats(&[&a, &b]).expect("kvm_stats");
+    assert_eq!(both.vcpu_count, 2);
+    assert!(both.vm.id.starts_with("kvm-") && !both.vm.id.contains("vcpu"));
+    assert_eq!(both.pf_taken(), Some(0), "no vCPU has run");
+    assert!(both.vm.get("remote_tlb_flush").is_some());
+    // Every vCPU statistic appears once in the sum, VM ones in `vm`.
+    assert_eq!(both.vcpus.stats.len(), one.stats.len());
+    assert_eq!(vm.kvm_stats(&[]).expect("vm only").vcpu_count, 0);
+}
+
+#[test]
+fn tinyvmm_prints_kvm_stats() {
+    if common::kvm_or_skip().is_none() {
+        return;
+    }
+    let run = |flag: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tinyvmm"))
+            .args([flag, "--ram-mib", "8", "touch"])
+            .output()
+            .expect("run tinyvmm");
+        assert!(out.status.success(), "tinyvmm {flag} touch failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let stats = run("--stats");
+    if stats.contains("kvm: no binary statistics") {
+        eprintln!("skipping: no KVM binary statistics on this kernel");
+        return;
+    }
+    let line = stats
+        .lines()
+        .find(|l| l.trim_start().starts_with("kvm vcpus (1 summed):"))
+        .unwrap_or_else(|| panic!("no kvm vcpus line in {stats}"));
+    let taken: u64 = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pf_taken="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no pf_taken in {line}"));
+    assert!(taken > 0, "{line}");
+    let json = run("--json");
+    let kvm = json
+        .split("\"kvm\":{")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no kvm object in {json}"));
+    let taken: u64 = kvm
+        .split("\"pf_taken\":")
+        .nth(1)
+        .and_then(|v| v.split([',', '}']).next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no pf_taken in {kvm}"));
+    assert!(taken > 0, "{kvm}");
+    assert!(kvm.contains("\"vcpus\":1"), "{kvm}");
 }

@@ -206,10 +206,15 @@ impl Drop for UffdHandler {
         // SAFETY: an 8-byte write from a live u64 to our eventfd.
         unsafe { libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
         if let Some(t) = self.thread.take() {
-            match t.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => panic!("uffd handler: {e}"),
-                Err(_) => panic!("uffd handler panicked"),
+            let r = t.join();
+            // A handler error means the guest saw a fault nobody resolved:
+            // the run is worthless, say so (unless already unwinding).
+            if !std::thread::panicking() {
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => panic!("uffd handler: {e}"),
+                    Err(_) => panic!("uffd handler panicked"),
+                }
             }
         }
     }
