@@ -185,6 +185,9 @@ pub struct Sample {
     pub committed: u64,
     /// KVM's `pf_taken` (vCPUs summed), if the kernel has binary stats.
     pub kvm_pf: Option<u64>,
+    /// KVM's `mmu_shadow_zapped` (page-table pages KVM threw away, e.g. on
+    /// slot deletes), if the kernel has it.
+    pub kvm_zapped: Option<u64>,
     /// Missing faults the userfaultfd handler resolved.
     pub uffd_faults: u64,
     /// The prefill before start, if the configuration has one.
@@ -208,7 +211,9 @@ pub fn run_one(kvm: &Kvm, guest_name: &str, ram: u64, cfg: &Config) -> Sample {
                 .unwrap_or_else(|e| panic!("{}: {e}", cfg.name));
             let r = vm.run(false);
             assert_eq!(r.exit_code, Some(0), "{}: {guest_name} failed", cfg.name);
-            let kvm_pf = vm.kvm_stats().and_then(|k| k.pf_taken());
+            let k = vm.kvm_stats();
+            let kvm_pf = k.as_ref().and_then(|k| k.pf_taken());
+            let kvm_zapped = k.as_ref().and_then(|k| k.mmu_shadow_zapped());
             let growth = rss.growth();
             Sample {
                 seq: seq(&r.marks),
@@ -219,6 +224,7 @@ pub fn run_one(kvm: &Kvm, guest_name: &str, ram: u64, cfg: &Config) -> Sample {
                 rss: growth,
                 committed: growth,
                 kvm_pf,
+                kvm_zapped,
                 uffd_faults: r.uffd_faults,
                 prefill: r.prefill,
                 ..Sample::default()
@@ -244,6 +250,7 @@ pub fn run_one(kvm: &Kvm, guest_name: &str, ram: u64, cfg: &Config) -> Sample {
                 rss: rss.growth(),
                 committed: r.mm.committed_bytes,
                 kvm_pf: r.kvm.as_ref().and_then(|k| k.pf_taken()),
+                kvm_zapped: r.kvm.as_ref().and_then(|k| k.mmu_shadow_zapped()),
                 uffd_faults: 0,
                 prefill: None,
             }
@@ -422,6 +429,20 @@ pub fn run(kvm: &Kvm, table: &mut Table) {
         }
     }
     for (i, c) in configs.iter().enumerate() {
+        let zapped: Vec<f64> = samples[i]
+            .iter()
+            .filter_map(|x| x.kvm_zapped.map(|n| n as f64))
+            .collect();
+        if !zapped.is_empty() {
+            table.bench(
+                &format!("kvm-shadow-zapped/{}", c.name),
+                median(&zapped),
+                "pages",
+                &format!(
+                    "{how}: KVM's mmu_shadow_zapped (page-table pages zapped, e.g. by slot deletes)"
+                ),
+            );
+        }
         if samples[i].iter().any(|x| x.uffd_faults > 0) {
             table.bench(
                 &format!("uffd-faults/{}", c.name),
