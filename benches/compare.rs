@@ -18,8 +18,11 @@
 //! configurations are medians of per-round ratios (each round runs every
 //! configuration once). Nothing here asserts performance.
 //!
-//! `GUESTMM_BENCH_TOUCH=lazy-2m,lazy-4k` limits the touch section to those
-//! lazy configurations (plus the two eager baselines).
+//! `GUESTMM_BENCH_TOUCH=lazy-2m,uffd-2m-copy` limits the touch section to
+//! those configurations (plus the two eager baselines and `guestmm`, the
+//! default configuration). The userfaultfd peers need userfaultfd (root, or
+//! `vm.unprivileged_userfaultfd=1`): without it one line says why and they
+//! are left out.
 //!
 //! `GUESTMM_BENCH_REPS=N` changes the repetition count (default 5, minimum 5
 //! for reported runs; lower values are for trying the runner out).

@@ -146,3 +146,36 @@ fn tinyvmm_prints_kvm_stats() {
     assert!(taken > 0, "{kvm}");
     assert!(kvm.contains("\"vcpus\":1"), "{kvm}");
 }
+
+#[test]
+fn sparse_guest_faults_once_per_touched_page_at_least() {
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
+    let guest = guests::find("sparse").expect("sparse guest");
+    let ram = 64u64 << 20;
+    let r = run_guest(
+        &kvm,
+        guest,
+        &RunOptions {
+            ram_size: ram,
+            ..RunOptions::default()
+        },
+    )
+    .expect("run_guest");
+    assert!(r.passed, "{}", r.summary_line());
+    let touched = ram / (2 << 20);
+    assert!(
+        r.mm.committed_bytes >= touched * 4096,
+        "committed {} < {touched} touched pages",
+        r.mm.committed_bytes
+    );
+    if let Some(k) = r.kvm {
+        // Touched pages are 2 MiB apart: no prefetch can cover two of them.
+        let taken = k.pf_taken().expect("pf_taken");
+        assert!(
+            taken >= touched,
+            "pf_taken {taken} < {touched} touched pages"
+        );
+    }
+}
