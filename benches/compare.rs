@@ -2,7 +2,10 @@
 //! `cargo bench --bench compare [-- SECTION...]`).
 //!
 //! Sections: `touch` (guest-memory touch: eager anonymous memory vs guestmm
-//! eager and lazy), `startup` (VM creation to the first hypercall, 1 GiB vs
+//! eager and lazy and the peers: prefilled, `MADV_HUGEPAGE`, userfaultfd
+//! handlers; KVM's page-fault counts from `KVM_GET_STATS_FD`), `scatter`
+//! (pages in pseudo-random order), `sparse` (one page per 2 MiB over 1 GiB:
+//! committed memory; slots after a 1 GiB sequential touch), `startup` (VM creation to the first hypercall, 1 GiB vs
 //! 64 GiB), `clone` (fork of 1 GiB populated, COW break, takeover), `alloc`
 //! (allocator scaling with fragmentation), `mmops` (map/protect/unmap churn
 //! vs the host kernel). Every figure is printed as `bench NAME: VALUE UNIT`
@@ -15,8 +18,11 @@
 //! configurations are medians of per-round ratios (each round runs every
 //! configuration once). Nothing here asserts performance.
 //!
-//! `GUESTMM_BENCH_TOUCH=lazy-2m,lazy-4k` limits the touch section to those
-//! lazy configurations (plus the two eager baselines).
+//! `GUESTMM_BENCH_TOUCH=lazy-2m,uffd-2m-copy` limits the touch section to
+//! those configurations (plus the two eager baselines and `guestmm`, the
+//! default configuration). The userfaultfd peers need userfaultfd (root, or
+//! `vm.unprivileged_userfaultfd=1`): without it one line says why and they
+//! are left out.
 //!
 //! `GUESTMM_BENCH_REPS=N` changes the repetition count (default 5, minimum 5
 //! for reported runs; lower values are for trying the runner out).
@@ -29,6 +35,8 @@ mod common;
 mod alloc;
 #[path = "compare/clone.rs"]
 mod clone;
+#[path = "compare/lazy.rs"]
+mod lazy;
 #[path = "compare/mmops.rs"]
 mod mmops;
 #[path = "compare/startup.rs"]
@@ -38,7 +46,9 @@ mod touch;
 
 use common::Table;
 
-const SECTIONS: &[&str] = &["touch", "startup", "clone", "alloc", "mmops"];
+const SECTIONS: &[&str] = &[
+    "touch", "scatter", "sparse", "startup", "clone", "alloc", "mmops",
+];
 
 /// Repetitions per configuration.
 pub fn reps() -> usize {
@@ -86,6 +96,12 @@ fn main() {
     if let Some(kvm) = &kvm {
         if run("touch") {
             touch::run(kvm, &mut table);
+        }
+        if run("scatter") {
+            lazy::scatter(kvm, &mut table);
+        }
+        if run("sparse") {
+            lazy::sparse(kvm, &mut table);
         }
         if run("startup") {
             startup::run(kvm, &mut table);

@@ -10,6 +10,7 @@ pub mod churn;
 pub mod host_mem;
 #[path = "../../tests/common/rng.rs"]
 pub mod rng;
+pub mod uffd;
 
 use std::fmt::Write as _;
 
@@ -119,6 +120,14 @@ impl Table {
             );
         }
         s
+    }
+
+    /// The figure `kind name` printed earlier, if any (to attach a target
+    /// that depends on a later figure).
+    pub fn figure_mut(&mut self, kind: &str, name: &str) -> Option<&mut Figure> {
+        self.figures
+            .iter_mut()
+            .find(|f| f.kind == kind && f.name == name)
     }
 
     /// Figures with a target they miss.

@@ -15,8 +15,10 @@
 //!   --memfile-max-mib N      guest memory cap (an even number of MiB)
 //!   --timeout-s N            stop the guest after N seconds (default 120) and
 //!                            report where each vCPU was
-//!   --stats                  print maps() and counters after each guest
+//!   --stats                  print maps(), the counters and KVM's own statistics
+//!                            (KVM_GET_STATS_FD) after each guest
 //!   --json                   one JSON object per guest instead of the summary line
+//!                            (KVM's statistics under "kvm")
 //!   --list                   list the guests
 //!   -v, --verbose            log the library's debug messages to stderr (-vv: trace)
 //!
@@ -277,11 +279,23 @@ impl log::Log for StderrLogger {
     fn flush(&self) {}
 }
 
+/// KVM's counters as a JSON object: every scalar statistic by name (vCPU
+/// values summed), plus `vcpus`, the number summed.
+fn kvm_json(k: &guestmm::kvm::KvmStats) -> String {
+    let mut fields: Vec<String> = k
+        .scalars()
+        .iter()
+        .map(|(n, v)| format!("\"{n}\":{v}"))
+        .collect();
+    fields.push(format!("\"vcpus\":{}", k.vcpu_count));
+    format!("{{{}}}", fields.join(","))
+}
+
 fn json(r: &GuestReport) -> String {
     format!(
         "{{\"guest\":\"{}\",\"pass\":{},\"exit\":{},\"faults\":{},\"exits\":{},\"memory_exits\":{},\"emulation_failures\":{},\
          \"slot_adds\":{},\"slot_deletes\":{},\"max_slots\":{},\"populated_kib\":{},\"violations\":{},\
-         \"cow_copies\":{},\"ms\":{},\"failure\":{}}}",
+         \"cow_copies\":{},\"ms\":{},\"kvm\":{},\"failure\":{}}}",
         r.name,
         r.passed,
         r.exit_codes.first().copied().flatten().map_or("null".into(), |c| c.to_string()),
@@ -296,6 +310,7 @@ fn json(r: &GuestReport) -> String {
         r.violations.len(),
         r.mm.cow_copies,
         r.elapsed.as_millis(),
+        r.kvm.as_ref().map_or("null".into(), kvm_json),
         r.failure.as_ref().map_or("null".into(), |f| format!("{f:?}")),
     )
 }
@@ -365,6 +380,17 @@ fn main() -> ExitCode {
                     }
                     println!("  mm: {:?}", report.mm);
                     println!("  vm: {:?}", report.vm);
+                    match &report.kvm {
+                        Some(k) => {
+                            println!("  kvm vm: {}", k.vm.scalars_line());
+                            println!(
+                                "  kvm vcpus ({} summed): {}",
+                                k.vcpu_count,
+                                k.vcpus.scalars_line()
+                            );
+                        }
+                        None => println!("  kvm: no binary statistics on this kernel"),
+                    }
                 }
                 if !report.passed {
                     failed += 1;

@@ -13,7 +13,8 @@
 //!   complete needs, and when to give up);
 //! - [`native`](self#native-re-execution): instructions KVM's emulator gets
 //!   wrong, re-run natively;
-//! - [`walk`]: a software x86-64 page-table walker.
+//! - [`walk`]: a software x86-64 page-table walker;
+//! - [`kvm_stats`]: KVM's own counters ([`KvmStats`], `KVM_GET_STATS_FD`).
 //!
 //! # The run gate
 //!
@@ -50,6 +51,7 @@ pub mod emulate;
 pub mod exits;
 mod gate;
 pub mod handler;
+pub mod kvm_stats;
 mod native;
 mod operands;
 mod prefill;
@@ -64,6 +66,10 @@ pub use exits::{
     EmulationFailure, FailedInstruction, MemOperand, MemoryExit, MemoryViolation, ViolationKind,
 };
 pub use handler::{Action, ExitHandler, VcpuStop};
+pub use kvm_stats::{
+    KvmStat, KvmStatKind, KvmStatSet, KvmStatUnit, KvmStats, KvmStatsError, KvmStatsFd,
+    KvmStatsReader,
+};
 pub use slots::{MergePolicy, SlotStats, SlotTable, DEFAULT_SLOT_BUDGET};
 pub use vcpu::{Exit, Vcpu, VcpuKicker};
 pub use vm::{open_kvm, Paused, StopCause, Vm, VmError, VmOptions, VmStats};

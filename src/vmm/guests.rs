@@ -71,6 +71,11 @@ pub const GUESTS: &[Guest] = &[
         image!("scatter"),
         "writes every RAM page in LCG order first (no two windows adjacent), verifies",
     ),
+    guest(
+        "sparse",
+        image!("sparse"),
+        "writes one page per 2 MiB of RAM, leaves the rest untouched, verifies; MARK 1-3",
+    ),
     Guest {
         template_size: MIB,
         ..guest(

@@ -17,8 +17,8 @@ use super::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
 use super::guests::{cow_pattern, Guest};
 use super::hypercall::{self, Hypercall};
 use crate::kvm::{
-    Action, EmulationFailure, ExitHandler, MemoryViolation, MergePolicy, Vcpu, VcpuStop, Vm,
-    VmOptions, VmStats,
+    Action, EmulationFailure, ExitHandler, KvmStats, KvmStatsReader, MemoryViolation, MergePolicy,
+    Vcpu, VcpuStop, Vm, VmOptions, VmStats,
 };
 use crate::memfile::{MemoryFile, MemoryFileOptions};
 use crate::mm::{
@@ -120,6 +120,9 @@ pub struct GuestReport {
     pub vm: VmStats,
     /// Address-space counters at the end of the run.
     pub mm: Stats,
+    /// KVM's own counters at the end of the run (vCPUs summed); `None` if
+    /// this kernel has no binary statistics (logged).
+    pub kvm: Option<KvmStats>,
     /// The address space's maps at the end of the run.
     pub maps: Vec<MapsEntry>,
     /// Wall time from the first vCPU start to the last vCPU stop.
@@ -364,6 +367,13 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         vcpu_list.push(vcpu);
     }
 
+    // Opened while the vCPUs are at hand; read after they are gone.
+    let kvm_stats = KvmStatsReader::open(
+        vm.vm_fd(),
+        &vcpu_list.iter().map(|v| v.fd()).collect::<Vec<_>>(),
+    )
+    .map_err(|e| log::info!("no KVM statistics: {e}"))
+    .ok();
     let shared = Arc::new(Mutex::new(Shared::default()));
     let start = Instant::now();
     let interference = opts
@@ -452,6 +462,11 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         failures.push(format!("slot invariants: {e}"));
     }
     let vm_stats = vm.stats();
+    let kvm = kvm_stats.and_then(|r| {
+        r.read()
+            .map_err(|e| log::info!("reading KVM statistics: {e}"))
+            .ok()
+    });
     let mm = space.stats();
     let maps = space.maps();
     space.unmap(0, space.options().size)?;
@@ -480,6 +495,7 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         violations: shared.violations,
         vm: vm_stats,
         mm,
+        kvm,
         maps,
         elapsed,
         leaked_bytes,
