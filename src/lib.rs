@@ -55,7 +55,8 @@
 //!   exits to userspace.
 //! - **fault-around**: a fault populates an aligned window around the
 //!   faulting address, not one page, because exits and slot updates cost far
-//!   more than allocating memory that is never touched.
+//!   more than allocating memory that is never touched. Windows double
+//!   along a sequential stream, up to 1 GiB by default.
 //! - **prefill**: filling the host page tables of a window just installed
 //!   (`MADV_POPULATE_WRITE`), so KVM maps its pages without a host page
 //!   fault each.
@@ -73,6 +74,16 @@
 //! The fill runs with no lock held. Independently, a write fault on
 //! copy-on-write memory copies at most the 2 MiB chunk around it
 //! ([`mm::COW_CHUNK`]), however large the window; see [`mm::fault`].
+//!
+//! ## Memslots
+//!
+//! Each window is installed as its own memslot while the VM holds fewer
+//! than a budget ([`kvm::DEFAULT_SLOT_BUDGET`]); with doubling windows a
+//! run of S bytes needs O(log S) slots, and a stream deletes none, so KVM
+//! keeps the mappings it built. At the budget the smallest adjacent pair
+//! of slots merges (the fewest mappings zapped). [`kvm::MergePolicy`]
+//! also offers `Eager` (slots are always the maximal runs); see
+//! `kvm/slots.rs`.
 //!
 //! ## Lock order
 //!
