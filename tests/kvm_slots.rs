@@ -77,7 +77,11 @@ fn lazy_merge_extends_runs_with_new_slots_then_merges_the_cheapest_pair() {
         (r(2 * MIB, 6 * MIB), true),
         (r(6 * MIB, 14 * MIB), true),
     ];
-    assert_eq!(f.table.slots(), three, "three adjacent installs, three slots");
+    assert_eq!(
+        f.table.slots(),
+        three,
+        "three adjacent installs, three slots"
+    );
     f.table.check_invariants().unwrap();
     // A same-writability replacement inside one slot changes no slot.
     f.install(2 * MIB, MIB, true).unwrap();
@@ -123,7 +127,11 @@ fn lazy_merge_budget_is_soft_when_nothing_is_adjacent() {
         f.install(i * 10 * MIB, 2 * MIB, true).unwrap();
     }
     let s = f.table.stats();
-    assert_eq!((s.live, s.deletes), (4, 0), "isolated installs: one slot each");
+    assert_eq!(
+        (s.live, s.deletes),
+        (4, 0),
+        "isolated installs: one slot each"
+    );
     f.table.check_invariants().unwrap();
     // The table's limit stays hard.
     for i in 4..8 {

@@ -312,20 +312,31 @@ fn guest_write_to_a_write_protected_page_blocks_in_kvm_until_unprotected() {
 /// A handler thread: unprotects (and wakes) every faulting page until
 /// `stop`; returns (events, WP events, time spent in unprotect). It sleeps
 /// in `poll` between events, or with `spin` keeps reading (non-blocking).
+/// `gaps` gets the time between consecutive event arrivals.
 fn serve(
     u: &Userfaultfd,
     stop: &AtomicBool,
     pages: &Mutex<Vec<u64>>,
     spin: bool,
+    gaps: &mut Vec<Duration>,
 ) -> (u64, u64, Duration) {
     let (mut n, mut wp, mut ioctl) = (0, 0, Duration::ZERO);
     let mut evs = Vec::new();
+    let mut last: Option<Instant> = None;
     while !stop.load(Ordering::SeqCst) {
         if !spin && !u.poll(Some(Duration::from_millis(5))).unwrap() {
             continue;
         }
         evs.clear();
-        u.read_events(&mut evs, 16).unwrap();
+        if u.read_events(&mut evs, 16).unwrap() == 0 {
+            continue;
+        }
+        let now = Instant::now();
+        if let Some(prev) = last.replace(now) {
+            // One full round trip: release, the writer resumes, writes the
+            // next page, faults, and its event arrives.
+            gaps.push(now - prev);
+        }
         for ev in &evs {
             n += 1;
             wp += u64::from(ev.is_wp());
@@ -371,8 +382,9 @@ fn write_protect_fault_round_trip_cost() {
         let stop = AtomicBool::new(false);
         let pages = Mutex::new(Vec::new());
         let v = 100 + round;
+        let mut gaps = Vec::new();
         let (took, (n, wp, ioctl)) = thread::scope(|s| {
-            let h = s.spawn(|| serve(&u, &stop, &pages, spin));
+            let h = s.spawn(|| serve(&u, &stop, &pages, spin, &mut gaps));
             let took = guest_pass(v);
             stop.store(true, Ordering::SeqCst);
             (took, h.join().unwrap())
@@ -386,7 +398,8 @@ fn write_protect_fault_round_trip_cost() {
         for p in 0..K {
             assert_eq!(read(m.b + (FIRST + p) * PAGE), v, "page {p}");
         }
-        rounds.push((took, ioctl, spin));
+        gaps.sort_unstable();
+        rounds.push((took, ioctl, spin, gaps));
     }
 
     // The same round trip for a plain host thread, for comparison.
@@ -394,7 +407,7 @@ fn write_protect_fault_round_trip_cost() {
     let stop = AtomicBool::new(false);
     let pages = Mutex::new(Vec::new());
     let host = thread::scope(|s| {
-        let h = s.spawn(|| serve(&u, &stop, &pages, false));
+        let h = s.spawn(|| serve(&u, &stop, &pages, false, &mut Vec::new()));
         let t = Instant::now();
         for p in 0..K {
             write(base + p * PAGE, 7);
@@ -412,14 +425,18 @@ fn write_protect_fault_round_trip_cost() {
         per(cold),
         per(warm)
     );
-    for (i, (took, ioctl, spin)) in rounds.iter().enumerate() {
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    for (i, (took, ioctl, spin, gaps)) in rounds.iter().enumerate() {
         eprintln!(
             "  round {i} (handler {}): {K} WP events, guest pass {:.1} us/page, minus warm {:.1} us/event, \
-             UFFDIO_WRITEPROTECT(unprotect+wake) {:.1} us/event",
+             UFFDIO_WRITEPROTECT(unprotect+wake) {:.1} us/event; event-to-event min {:.1} median {:.1} p90 {:.1} us",
             if *spin { "spins on read" } else { "sleeps in poll" },
             per(*took),
             per(took.saturating_sub(warm)),
-            per(*ioctl)
+            per(*ioctl),
+            us(gaps[0]),
+            us(gaps[gaps.len() / 2]),
+            us(gaps[gaps.len() * 9 / 10]),
         );
     }
     eprintln!(
