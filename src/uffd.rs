@@ -6,13 +6,26 @@
 //! userspace. In write-protect mode ([`RegisterMode::WP`]) a range's pages
 //! can be write-protected page by page ([`Userfaultfd::write_protect`]); a
 //! write to such a page blocks the writer and queues a page-fault [`Event`]
-//! with [`Event::wp`] set, until the handler removes the protection
+//! whose `wp` flag is set ([`Event::is_wp`]), until the handler removes the protection
 //! ([`Userfaultfd::unprotect`]) and wakes it. Write protection is a bit in
 //! one mapping's page-table entry: other mappings of the same memfd page
 //! are unaffected, which is what lets a handler copy a page through a
 //! second mapping while the first is protected.
 //!
 //! This module knows nothing of guestmm's mm or KVM layers.
+//!
+//! # With KVM
+//!
+//! KVM resolves a guest access to a memslot page with `get_user_pages` on
+//! the slot's host mapping, which takes the userfaultfd path like any
+//! other fault: a guest write to a write-protected page of a *writable*
+//! memslot blocks the vCPU thread inside `KVM_RUN` (no exit to userspace)
+//! until the page is unprotected and woken, and the write then lands;
+//! protecting a page KVM already maps writable zaps KVM's mapping through
+//! the MMU notifier. `tests/kvm_uffd_wp.rs` shows this on this project's
+//! (nested, `kvm_pvm`) hosts, including locked read-modify-writes of
+//! several vCPUs staying atomic while protection comes and goes, and
+//! prints the cost of one round trip.
 //!
 //! # Availability
 //!
@@ -130,6 +143,9 @@ const UFFD_MSG_SIZE: usize = 32;
 
 /// The host page size userfaultfd works in (shmem, no huge pages).
 pub const UFFD_PAGE_SIZE: u64 = 4096;
+
+/// Most events one [`Userfaultfd::read_events`] call returns.
+pub const MAX_EVENTS_PER_READ: usize = 32;
 
 /// A set of `UFFD_FEATURE_*` bits, as requested in and returned by the API
 /// handshake.
@@ -460,10 +476,12 @@ impl Userfaultfd {
         Ok(out.pop())
     }
 
-    /// Reads up to `max` pending events (at least one slot) into `out`
-    /// without blocking; returns how many were read (0 if none pending).
+    /// Reads up to `max` (at least 1, at most [`MAX_EVENTS_PER_READ`])
+    /// pending events into `out` without blocking; returns how many were
+    /// read (0 if none pending).
     pub fn read_events(&self, out: &mut Vec<Event>, max: usize) -> Result<usize> {
-        let mut buf = vec![0u8; max.max(1) * UFFD_MSG_SIZE];
+        let mut buf = [0u8; MAX_EVENTS_PER_READ * UFFD_MSG_SIZE];
+        let buf = &mut buf[..max.clamp(1, MAX_EVENTS_PER_READ) * UFFD_MSG_SIZE];
         // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes and the
         // fd is owned by `self`.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -662,7 +680,7 @@ mod tests {
             (0x1000, 0),
             (0x1001, 0x1000),
             (0x1000, 0x10),
-            (u64::MAX & !0xfff, 0x2000),
+            (!0xfff, 0x2000),
         ] {
             assert!(
                 matches!(range(s, l), Err(UffdError::BadRange { .. })),
