@@ -25,6 +25,8 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 const PAGE: u64 = UFFD_PAGE_SIZE;
 const RAM_GPA: u64 = DEFAULT_RAM_BASE;
 const RAM_SIZE: u64 = 2 << 20;
+/// The memfd: RAM's pages, then as many spare pages for private copies.
+const FILE_SIZE: u64 = 2 * RAM_SIZE;
 /// The port every snippet ends with (`out 0x10, al`).
 const DONE_PORT: u16 = 0x10;
 
@@ -73,7 +75,7 @@ struct Machine {
     memfd: libc::c_int,
     /// RAM as the slot maps it (registered with userfaultfd).
     a: u64,
-    /// RAM through a second shared mapping.
+    /// The whole memfd (RAM, then spare pages) through a second shared mapping.
     b: u64,
 }
 
@@ -127,11 +129,11 @@ impl Machine {
         assert!(memfd >= 0);
         // SAFETY: as above.
         assert_eq!(
-            unsafe { libc::ftruncate(memfd, RAM_SIZE as libc::off_t) },
+            unsafe { libc::ftruncate(memfd, FILE_SIZE as libc::off_t) },
             0
         );
         let a = mmap(RAM_SIZE, libc::MAP_SHARED, memfd);
-        let b = mmap(RAM_SIZE, libc::MAP_SHARED, memfd);
+        let b = mmap(FILE_SIZE, libc::MAP_SHARED, memfd);
         for (slot, gpa, size, host) in [(0, 0, BOOT_SIZE, boot), (1, RAM_GPA, RAM_SIZE, a)] {
             let region = kvm_userspace_memory_region {
                 slot,
@@ -189,7 +191,7 @@ impl Drop for Machine {
         unsafe {
             libc::munmap(self.boot as *mut _, BOOT_SIZE as usize);
             libc::munmap(self.a as *mut _, RAM_SIZE as usize);
-            libc::munmap(self.b as *mut _, RAM_SIZE as usize);
+            libc::munmap(self.b as *mut _, FILE_SIZE as usize);
             libc::close(self.memfd);
         }
     }
@@ -205,6 +207,33 @@ fn run_to_done(vcpu: &mut VcpuFd) -> Result<(), String> {
             Err(e) => return Err(format!("KVM_RUN failed: {e}")),
         }
     }
+}
+
+fn next_event(u: &Userfaultfd) -> Event {
+    assert!(
+        u.poll(Some(Duration::from_secs(10))).unwrap(),
+        "no userfaultfd event within 10 s"
+    );
+    u.read_event()
+        .unwrap()
+        .expect("poll said an event is pending")
+}
+
+/// How many of this process's vmas overlap `[start, end)`.
+fn vmas_in(start: u64, end: u64) -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let r = l.split_whitespace().next().unwrap();
+            let (s, e) = r.split_once('-').unwrap();
+            let (s, e) = (
+                u64::from_str_radix(s, 16).unwrap(),
+                u64::from_str_radix(e, 16).unwrap(),
+            );
+            s < end && start < e
+        })
+        .count()
 }
 
 /// The faulting thread's kernel stack (root only), for the record.
@@ -307,6 +336,122 @@ fn guest_write_to_a_write_protected_page_blocks_in_kvm_until_unprotected() {
 
     // And protecting the same page again after the guest wrote it.
     one_blocked_write(&m, &u, vcpu, 0, "re-protected after a guest write");
+}
+
+/// Breaks copy-on-write for the page at `page_addr` (in `a`, RAM page
+/// `page`) the way guestmm would: copy the shared page into a spare file
+/// page through `b`, map that over the protected page (`MAP_FIXED`: a new
+/// vma, not registered with userfaultfd) and wake the writers.
+fn break_cow(m: &Machine, u: &Userfaultfd, page: u64) {
+    let copy = RAM_SIZE / PAGE + page;
+    // SAFETY: both pages lie inside `b`; the copy target is a spare page
+    // nothing else uses; the MAP_FIXED target is one page of `a`, which
+    // only the slot and this test use.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (m.b + page * PAGE) as *const u8,
+            (m.b + copy * PAGE) as *mut u8,
+            PAGE as usize,
+        );
+        let p = libc::mmap(
+            (m.a + page * PAGE) as *mut _,
+            PAGE as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            m.memfd,
+            (copy * PAGE) as libc::off_t,
+        );
+        assert_eq!(
+            p as u64,
+            m.a + page * PAGE,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // The waiters are found by address, registered or not.
+    u.wake(m.a + page * PAGE, PAGE).unwrap();
+}
+
+#[test]
+fn copy_on_write_break_by_remapping_the_page_under_a_blocked_vcpu() {
+    let _g = serial();
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
+    let Some(u) = uffd_or_skip() else { return };
+    let (m, mut vcpus) = Machine::new(kvm, 1);
+    let vcpu = &mut vcpus[0];
+    // A "template" of 8 pages with a pattern, written by the guest once
+    // (so KVM maps it writable), then write-protected.
+    const T: u64 = 32;
+    for p in T..T + 8 {
+        for q in 0..PAGE / 8 {
+            write(m.b + p * PAGE + q * 8, p << 32 | q);
+        }
+    }
+    u.register(m.a, RAM_SIZE, RegisterMode::WP).unwrap();
+    m.start(vcpu, 0, RAM_GPA + T * PAGE, 8, 0);
+    run_to_done(vcpu).unwrap();
+    for p in T..T + 8 {
+        write(m.b + p * PAGE, p << 32);
+    }
+    u.write_protect(m.a + T * PAGE, 8 * PAGE).unwrap();
+
+    let mut breaks = Vec::new();
+    for (i, p) in [T + 3, T + 4, T].into_iter().enumerate() {
+        let v = 0xc0ffee00 + i as u64;
+        m.start(vcpu, 0, RAM_GPA + p * PAGE, 1, v);
+        let (r, took) = thread::scope(|s| {
+            let h = s.spawn(|| {
+                let ev = next_event(&u);
+                assert!(ev.is_wp(), "{ev:?}");
+                assert_eq!(ev.page(), Some(m.a + p * PAGE));
+                let t = Instant::now();
+                break_cow(&m, &u, p);
+                t.elapsed()
+            });
+            let r = run_to_done(vcpu);
+            (r, h.join().unwrap())
+        });
+        r.unwrap();
+        breaks.push(took);
+        let copy = RAM_SIZE / PAGE + p;
+        assert_eq!(read(m.b + copy * PAGE), v, "the write landed in the copy");
+        assert_eq!(
+            read(m.b + copy * PAGE + 8),
+            p << 32 | 1,
+            "the copy kept the rest"
+        );
+        assert_eq!(
+            read(m.b + p * PAGE),
+            p << 32,
+            "the template page is untouched"
+        );
+        // The copy is an ordinary writable page now: no event.
+        m.start(vcpu, 0, RAM_GPA + p * PAGE, 1, v + 1);
+        run_to_done(vcpu).unwrap();
+        assert_eq!(read(m.b + copy * PAGE), v + 1);
+        assert!(!u.poll(Some(Duration::ZERO)).unwrap());
+    }
+    // The neighbours kept their registration and protection across the
+    // vma splits: a write to T+5 still faults.
+    let p = T + 5;
+    m.start(vcpu, 0, RAM_GPA + p * PAGE, 1, 5);
+    thread::scope(|s| {
+        s.spawn(|| {
+            assert_eq!(next_event(&u).page(), Some(m.a + p * PAGE));
+            u.unprotect(m.a + p * PAGE, PAGE, true).unwrap();
+        });
+        run_to_done(vcpu).unwrap();
+    });
+    assert_eq!(read(m.b + p * PAGE), 5);
+    let vmas = vmas_in(m.a, m.a + RAM_SIZE);
+    eprintln!(
+        "kvm uffd-wp copy-on-write break (copy 4 KiB, MAP_FIXED the copy, wake): handler {:?} per break; \
+         RAM's host range is now {vmas} vmas (3 pages broken, 2 of them adjacent)",
+        breaks
+    );
+    assert!(vmas <= 1 + 2 * 3, "{vmas} vmas");
 }
 
 /// A handler thread: unprotects (and wakes) every faulting page until
