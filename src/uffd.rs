@@ -442,14 +442,17 @@ impl Userfaultfd {
         self.ioctl("UFFDIO_UNREGISTER", UFFDIO_UNREGISTER, &mut r)
     }
 
-    /// Write-protects `[start, start + len)` (registered in WP mode): a
+    /// Write-protects `[start, start + len)` (registered in WP mode: every
+    /// vma in the range must be, else `ENOENT` and nothing changes; a page
+    /// replaced by a new mapping, e.g. `MAP_FIXED`, is no longer): a
     /// later write there blocks and becomes an [`Event`] with `wp` set.
     /// Pages not yet populated are protected too (shmem keeps a marker).
     pub fn write_protect(&self, start: u64, len: u64) -> Result<()> {
         self.writeprotect(start, len, UFFDIO_WRITEPROTECT_MODE_WP)
     }
 
-    /// Removes write protection from `[start, start + len)` and, if `wake`,
+    /// Removes write protection from `[start, start + len)` (every vma in
+    /// it registered in WP mode, as for `write_protect`) and, if `wake`,
     /// wakes the writers blocked there (they retry their write). With
     /// `wake == false` (`UFFDIO_WRITEPROTECT_MODE_DONTWAKE`) the caller
     /// wakes them later with [`Userfaultfd::wake`], e.g. once per batch.
@@ -463,7 +466,9 @@ impl Userfaultfd {
     }
 
     /// Wakes the faulters blocked on `[start, start + len)`; they retry
-    /// their access (and block again if nothing changed).
+    /// their access (and block again if nothing changed). Waiters are found
+    /// by address, so this also works after the range was remapped (e.g. a
+    /// private copy mapped over a protected page with `MAP_FIXED`).
     pub fn wake(&self, start: u64, len: u64) -> Result<()> {
         let mut r = range(start, len)?;
         self.ioctl("UFFDIO_WAKE", UFFDIO_WAKE, &mut r)

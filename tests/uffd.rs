@@ -84,6 +84,11 @@ impl Twice {
 
 impl Drop for Twice {
     fn drop(&mut self) {
+        if thread::panicking() {
+            // A failed test may leave a writer blocked in here: unmapping
+            // would turn its wake-up into a SIGSEGV of the whole binary.
+            return;
+        }
         // SAFETY: unmapping our own mappings and closing our own fd.
         unsafe {
             libc::munmap(self.a as *mut _, self.len);
@@ -276,4 +281,67 @@ fn dropping_the_userfaultfd_wakes_writers_and_leaks_no_fd_or_thread() {
     drop(t);
     assert_eq!(count_dir("/proc/self/fd"), fds, "descriptors leaked");
     assert_eq!(count_dir("/proc/self/task"), tasks, "threads leaked");
+}
+
+#[test]
+fn remapping_a_copy_over_a_protected_page_and_waking_completes_the_write_there() {
+    let _g = serial();
+    let Some(u) = uffd_or_skip() else { return };
+    // Pages 0..4 are the "template" (mapped at `a`), 4..8 spare copies.
+    let t = Twice::new(8);
+    for p in 0..4 {
+        Twice::write(t.b + p * PAGE, 0x100 + p);
+    }
+    let len = 4 * PAGE;
+    u.register(t.a, len, RegisterMode::WP).unwrap();
+    u.write_protect(t.a, len).unwrap();
+    let (done, h) = writer(t.a + 2 * PAGE + 8, 0xbeef);
+    assert_eq!(next_event(&u).page(), Some(t.a + 2 * PAGE));
+    // SAFETY: page 6 is a spare page of the memfd; the MAP_FIXED target is
+    // page 2 of `a`, which only this test uses.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (t.b + 2 * PAGE) as *const u8,
+            (t.b + 6 * PAGE) as *mut u8,
+            PAGE as usize,
+        );
+        let p = libc::mmap(
+            (t.a + 2 * PAGE) as *mut _,
+            PAGE as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            t.fd,
+            (6 * PAGE) as libc::off_t,
+        );
+        assert_eq!(p as u64, t.a + 2 * PAGE);
+    }
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "remapping alone woke the writer"
+    );
+    // Waiters are found by address even though the new vma is not registered.
+    u.wake(t.a + 2 * PAGE, PAGE).unwrap();
+    h.join().unwrap();
+    assert_eq!(
+        Twice::read(t.b + 6 * PAGE + 8),
+        0xbeef,
+        "the write landed in the copy"
+    );
+    assert_eq!(Twice::read(t.b + 6 * PAGE), 0x102, "the copy kept the page");
+    assert_eq!(
+        Twice::read(t.b + 2 * PAGE + 8),
+        0,
+        "the template is untouched"
+    );
+    // Page 3 is still registered and protected.
+    let (_d, h) = writer(t.a + 3 * PAGE, 1);
+    assert_eq!(next_event(&u).page(), Some(t.a + 3 * PAGE));
+    // A range that spans the unregistered copy is refused as a whole
+    // (ENOENT): callers unprotect registered runs only.
+    match u.unprotect(t.a, len, true) {
+        Err(UffdError::Io { source, .. }) => assert_eq!(source.raw_os_error(), Some(libc::ENOENT)),
+        r => panic!("{r:?}"),
+    }
+    u.unprotect(t.a + 3 * PAGE, PAGE, true).unwrap();
+    h.join().unwrap();
 }
