@@ -699,3 +699,80 @@ fn locked_instructions_of_several_vcpus_on_a_repeatedly_protected_page_keep_exac
         assert!(mid > 0, "no vCPU faulted on a re-protection mid-loop");
     }
 }
+
+#[test]
+fn copy_on_write_break_under_four_vcpus_doing_locked_ops_keeps_exact_sums() {
+    let _g = serial();
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
+    let Some(u) = uffd_or_skip() else { return };
+    let nv = 4;
+    let (m, mut vcpus) = Machine::new(kvm, nv);
+    u.register(m.a, RAM_SIZE, RegisterMode::WP).unwrap();
+    const N: u64 = 50_000;
+    const ROUNDS: u64 = 20;
+    let mut wakes = 0;
+    for round in 0..ROUNDS {
+        // A fresh template page each round, shown to the vCPUs write-
+        // protected: every vCPU's first locked op blocks. The handler lets
+        // them pile up (all 4 events, or 20 ms), then breaks copy-on-write
+        // under them and wakes them all at once.
+        let p = 400 + round;
+        let t = m.b + p * PAGE;
+        for q in 0..PAGE / 8 {
+            write(t + q * 8, if q < 4 { 0 } else { q });
+        }
+        u.write_protect(m.a + p * PAGE, PAGE).unwrap();
+        let stop = AtomicBool::new(false);
+        let n = thread::scope(|s| {
+            let h = s.spawn(|| {
+                let (mut broken, mut n, mut first) = (false, 0, None);
+                while !stop.load(Ordering::SeqCst) {
+                    if u.poll(Some(Duration::from_millis(1))).unwrap() {
+                        while let Some(ev) = u.read_event().unwrap() {
+                            assert_eq!(ev.page(), Some(m.a + p * PAGE));
+                            assert!(!broken, "a fault after the break: {ev:?}");
+                            n += 1;
+                            first.get_or_insert_with(Instant::now);
+                        }
+                    }
+                    let waited =
+                        first.is_some_and(|t: Instant| t.elapsed() > Duration::from_millis(20));
+                    if !broken && (n == nv || waited) {
+                        break_cow(&m, &u, p);
+                        broken = true;
+                    }
+                }
+                n
+            });
+            let runners: Vec<_> = vcpus
+                .iter_mut()
+                .map(|vcpu| {
+                    m.start(vcpu, LOCKED_OFFSET, RAM_GPA + p * PAGE, N, 0);
+                    s.spawn(move || run_to_done(vcpu))
+                })
+                .collect();
+            for r in runners {
+                r.join().unwrap().expect("KVM_RUN");
+            }
+            stop.store(true, Ordering::SeqCst);
+            h.join().unwrap()
+        });
+        wakes += n;
+        let c = m.b + (RAM_SIZE / PAGE + p) * PAGE;
+        let want = u64::from(nv) * N;
+        assert_eq!(
+            [read(c), read(c + 8), read(c + 16), read(c + 24)],
+            [want, want, 0, want],
+            "round {round}: xadd, cmpxchg, lock, xchg-locked sums in the copy"
+        );
+        assert_eq!(read(c + 32), 4, "the copy kept the template's contents");
+        assert_eq!(read(t), 0, "the template was written");
+        assert!(n >= 1, "round {round}: no WP event");
+    }
+    eprintln!(
+        "kvm uffd-wp copy-on-write break under {nv} vCPUs x {N} locked ops: exact sums in \
+         {ROUNDS} of {ROUNDS} runs, {wakes} WP events"
+    );
+}
