@@ -16,6 +16,7 @@
 //!
 //! ```text
 //!  range, perms, segment    half-open ranges; an ordered map of non-overlapping ranges
+//!  uffd                     userfaultfd (write-protect mode) wrapper; names no other layer
 //!        │
 //!  memfile                  one memfd: allocate / inc_ref / dec_ref / decommit / usage
 //!        │
@@ -126,6 +127,7 @@ pub mod mm;
 pub mod perms;
 pub mod range;
 pub mod segment;
+pub mod uffd;
 #[cfg(feature = "vmm")]
 pub mod vmm;
 
