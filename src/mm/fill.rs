@@ -71,9 +71,11 @@ pub(crate) struct PendingFills {
 }
 
 impl PendingFills {
-    /// Records `range`, forgetting the oldest window past
-    /// [`FILL_PENDING_MAX`].
+    /// Records `range`, forgetting windows inside it (a stream's window
+    /// grows over windows installed by earlier jumps: one fill covers
+    /// them) and the oldest window past [`FILL_PENDING_MAX`].
     pub(crate) fn record(&mut self, range: GuestRange) {
+        self.windows.retain(|u| range.intersect(u.range) != u.range);
         if self.windows.len() >= FILL_PENDING_MAX {
             self.windows.pop_front();
         }
