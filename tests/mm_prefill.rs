@@ -446,3 +446,63 @@ fn only_dense_records_windows_for_later() {
         assert!(be.prefills().is_empty());
     }
 }
+
+#[test]
+fn fill_dense_runs_beside_faults_unmaps_decommits_and_protects() {
+    let (_mf, be, space) = space_with("fill-concurrent", AddressSpaceOptions::default());
+    let len = 64 * MIB;
+    space.map(MapOpts::anonymous(len).fixed(GPA)).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let filler = {
+        let (space, stop) = (space.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut filled = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                filled += space.fill_dense(4 * MIB).filled_bytes;
+            }
+            filled
+        })
+    };
+    // A pseudo-random walk of touches (dense per window), with windows
+    // unmapped and mapped again, decommitted and re-protected meanwhile.
+    let mut x: u64 = 12345;
+    let mut hole = 0;
+    for i in 0..20_000u64 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let gpa = GPA + ((x >> 20) % (len / PAGE_SIZE)) * PAGE_SIZE;
+        let two = gpa & !(2 * MIB - 1);
+        match i % 1000 {
+            500 => {
+                space.unmap(two, 2 * MIB).unwrap();
+                hole = two;
+            }
+            // The hole is mapped again 100 touches later.
+            600 => {
+                space.map(MapOpts::anonymous(2 * MIB).fixed(hole)).unwrap();
+            }
+            700 => drop(space.decommit(two, 2 * MIB)),
+            // Read-only for a while, then writable again (a window that
+            // is not mapped refuses: fine).
+            900 => drop(space.protect(two, 2 * MIB, guestmm::Perms::READ)),
+            950 => drop(space.protect(two, 2 * MIB, guestmm::Perms::READ_WRITE)),
+            _ => {
+                if space
+                    .maps()
+                    .iter()
+                    .any(|m| m.range.contains(gpa) && m.perms.write)
+                {
+                    touch(&be, &space, gpa);
+                }
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let filled = filler.join().unwrap();
+    let st = space.stats();
+    eprintln!("concurrent: filled {filled:#x}, {st:?}");
+    assert_eq!(filled, st.dense_filled_bytes);
+    assert!(st.dense_fills > 0, "{st:?}");
+    space.check_invariants().unwrap();
+}
