@@ -21,6 +21,15 @@
 //!   (no lock)  backend.prefill(planned pieces)
 //! ```
 //!
+//! What it buys, measured on the `scatter` guest (256 MiB, 1 vCPU, on a
+//! loaded 2-core host): KVM page faults (`pf_taken`) fall from 65,744 to
+//! about 30,000, as the filler thread zeroes memory at about the rate the
+//! guest touches it, so the guest still faults on what it reaches first.
+//! The run time does not fall measurably there: filling a shmem page costs
+//! the host about what the guest's fault on it did, and it only moves to
+//! another thread, which helps when a core is idle. Committed memory is
+//! what the guest touches: a filled window was a tenth committed already.
+//!
 //! Only writable parts are filled or measured: the residency of a
 //! copy-on-write part is its sharers' memory, not evidence of what this
 //! guest touches, and filling it read-only saves the guest nothing when it
