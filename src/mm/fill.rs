@@ -27,8 +27,10 @@
 //! guest touches it, so the guest still faults on what it reaches first.
 //! The run time does not fall measurably there: filling a shmem page costs
 //! the host about what the guest's fault on it did, and it only moves to
-//! another thread, which helps when a core is idle. Committed memory is
-//! what the guest touches: a filled window was a tenth committed already.
+//! another thread, which helps when a core is idle. The memory cost: a
+//! guest that goes on to touch a window whole commits it anyway; one that
+//! stops at `later_percent` commits `100 / later_percent` times what it
+//! touched there.
 //!
 //! Only writable parts are filled or measured: the residency of a
 //! copy-on-write part is its sharers' memory, not evidence of what this
