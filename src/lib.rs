@@ -72,7 +72,19 @@
 //! only the pages it touches; [`mm::Prefill`] (an
 //! [`AddressSpaceOptions`](mm::AddressSpaceOptions) field) chooses
 //! `Dense` (default), `Always` or `Never` and caps what one fault fills.
-//! The fill runs with no lock held. Independently, a write fault on
+//! The fill runs with no lock held.
+//!
+//! A guest that touches pages in a random order installs every window
+//! while the memory beside it is still empty, so no fault sees evidence.
+//! Under `Dense` the fault path records each window it installs without a
+//! fill, and [`mm::AddressSpace::fill_dense`], called off the fault path,
+//! fills a recorded window once it is itself `later_percent` (default
+//! 10 %) committed: the `scatter` guest gets its windows filled after
+//! touching a tenth of them, a guest touching a page or two per window
+//! never does. A [`kvm::Vm`] runs it on its filler thread
+//! ([`kvm::VmOptions::fill_dense`]).
+//!
+//! Independently, a write fault on
 //! copy-on-write memory copies at most the 2 MiB chunk around it
 //! ([`mm::COW_CHUNK`]), however large the window; see [`mm::fault`].
 //!
@@ -103,6 +115,10 @@
 //!        │                        close the gate with the slot table locked)
 //!        ├─ SpaceRegion.shown     the pages a region view has mapped (a leaf)
 //!        └─ MemoryFile.inner      allocation map, refcounts, internal mappings
+//!
+//! AddressSpace.fill_signal        Mutex: the fill-work generation (a leaf, held
+//!                                 alone: the fault path bumps it after releasing
+//!                                 `active`; the filler thread waits on it)
 //! ```
 //!
 //! Exceptions, written out:
@@ -115,9 +131,27 @@
 //!   not held; that takes only the object's own lock.
 //! - `fork` holds the parent's `mapping` (read) and `active`, then takes the
 //!   child's, which no other thread can see yet.
+//! - `fill_dense` reads `mapping` and locks `active` to judge recorded
+//!   windows (their residency: `MemoryFile.inner`), releases both, and
+//!   only then fills (`MADV_POPULATE_WRITE` on the slot table's
+//!   reservation, no guestmm lock held), as the fault path's prefill does.
 //! - `kvm::emulate` holds no lock of its own: it calls `read_with`,
 //!   `handle_fault` and `SlotTable::slot_at` one at a time, each taking and
 //!   releasing its locks in this order.
+//!
+//! ## Threads
+//!
+//! guestmm starts two threads per [`kvm::Vm`], both optional
+//! ([`kvm::VmOptions`]) and both ended when the `Vm` drops:
+//! - the watchdog (`watchdog`): every half period it kicks vCPUs inside
+//!   `KVM_RUN` for longer than the period; it holds a weak reference to
+//!   the `Vm` and ends within half a period of its drop;
+//! - the filler (`fill_dense`): calls
+//!   [`AddressSpace::fill_dense`](mm::AddressSpace::fill_dense) every
+//!   period while the recorded windows grow denser, backs off to once a
+//!   second while they do not, and sleeps on the fill-work generation
+//!   while none is recorded (a fault that records one wakes it). It holds
+//!   the address space, not the `Vm`; the `Vm`'s drop wakes and joins it.
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 

@@ -7,6 +7,7 @@ mod common;
 use common::{kvm_or_skip, memfile};
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use guestmm::kvm::{Vm, VmOptions};
 use guestmm::mm::{AddressSpaceOptions, MapOpts, Prefill, PREFILL_PROBE};
@@ -147,6 +148,17 @@ fn a_sparse_stream_over_1g_commits_only_what_it_touches() {
         faults <= touched,
         "{faults} faults for {touched} touched windows"
     );
+    // The filler thread woke for each recorded window and found none
+    // dense; nor does a call now.
+    std::thread::sleep(Duration::from_millis(50));
+    let rep = space.fill_dense(u64::MAX);
+    assert_eq!(
+        (rep.filled_windows, rep.pending as u64),
+        (0, st.unfilled_windows)
+    );
+    let st = space.stats();
+    assert_eq!((st.dense_fills, st.dense_filled_bytes), (0, 0));
+    assert!(st.committed_bytes <= limit);
 }
 
 #[test]
@@ -177,4 +189,92 @@ fn a_stream_that_turns_sparse_commits_at_most_one_window_more_than_it_touches() 
         "committed {:#x} bytes for {touched} pages touched, want <= {limit:#x}",
         st.committed_bytes
     );
+}
+
+#[test]
+fn the_scatter_guest_gets_its_windows_filled_once_they_prove_dense() {
+    let Some(kvm) = kvm_or_skip() else { return };
+    let guest = guests::find("scatter").unwrap();
+    let lazy = RunOptions {
+        ram_size: 128 * MIB,
+        ..RunOptions::default()
+    };
+    let eager = RunOptions {
+        eager: true,
+        ..lazy.clone()
+    };
+    let r = run_guest(&kvm, guest, &lazy).unwrap();
+    assert!(r.passed, "{}", r.summary_line());
+    let e = run_guest(&kvm, guest, &eager).unwrap();
+    assert!(e.passed, "{}", e.summary_line());
+    eprintln!("scatter 128 MiB: mm {:?}", r.mm);
+    // Random touches: no fault sees a dense neighbour, every window is
+    // recorded, and the filler fills them as they pass 10 %.
+    assert_eq!(r.mm.prefilled_windows, 0);
+    assert_eq!(r.mm.unfilled_windows, r.mm.windows);
+    assert!(
+        r.mm.dense_fills > 0 && r.mm.dense_filled_bytes > 0,
+        "nothing filled: {:?}",
+        r.mm
+    );
+    assert!(r.mm.dense_filled_bytes <= r.mm.populated_bytes);
+    assert_eq!(
+        r.mm.committed_bytes, e.mm.committed_bytes,
+        "the fills commit only what the guest touches anyway"
+    );
+}
+
+/// A `Vm` whose filler thread runs every `period` (or not at all).
+fn vm_with_filler(kvm: &Kvm, name: &str, period: Option<Duration>) -> Arc<Vm> {
+    let opts = VmOptions {
+        fill_dense: period,
+        ..VmOptions::default()
+    };
+    Vm::new(kvm, memfile(name), opts).unwrap()
+}
+
+#[test]
+fn the_filler_thread_commits_a_window_that_proves_dense_and_none_when_off() {
+    let Some(kvm) = kvm_or_skip() else { return };
+    for period in [Some(Duration::from_millis(2)), None] {
+        let vm = vm_with_filler(&kvm, "kvm-filler", period);
+        let space = vm.space();
+        space.map(MapOpts::anonymous(64 * MIB).fixed(GPA)).unwrap();
+        let w = GPA + 20 * MIB;
+        let (len, filled) = touch(&vm, w).unwrap();
+        assert_eq!((len, filled), (2 * MIB, 0));
+        // 64 of 512 pages (12.5 %).
+        for page in 1..64 {
+            touch(&vm, w + page * 8 * PAGE_SIZE);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let wait = if period.is_some() {
+            deadline
+        } else {
+            Instant::now() + Duration::from_millis(50)
+        };
+        while space.stats().dense_fills == 0 && Instant::now() < wait {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let st = space.stats();
+        match period {
+            Some(_) => {
+                assert_eq!((st.dense_fills, st.dense_filled_bytes), (1, 2 * MIB));
+                assert_eq!(
+                    st.committed_bytes,
+                    2 * MIB,
+                    "MADV_POPULATE_WRITE committed the window"
+                );
+            }
+            None => {
+                assert_eq!((st.dense_fills, st.committed_bytes), (0, 64 * PAGE_SIZE));
+                // A VMM without the thread calls it itself.
+                let rep = space.fill_dense(u64::MAX);
+                assert_eq!((rep.filled_windows, rep.filled_bytes), (1, 2 * MIB));
+                assert_eq!(space.stats().committed_bytes, 2 * MIB);
+            }
+        }
+        vm.slots().check_invariants().unwrap();
+        space.check_invariants().unwrap();
+    }
 }

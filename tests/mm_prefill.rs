@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use guestmm::memfile::MemoryFile;
 use guestmm::mm::{
-    AddressSpace, AddressSpaceOptions, MapOpts, Prefill, RecordingBackend, PREFILL_PROBE,
+    AddressSpace, AddressSpaceOptions, FillReport, MapOpts, Prefill, RecordingBackend,
+    FILL_SCAN_MAX, PREFILL_PROBE,
 };
 use guestmm::{Access, Range, PAGE_SIZE};
 
@@ -131,6 +132,37 @@ fn a_sparse_stream_gets_nothing_filled_and_commits_what_it_touches() {
         "windows still grow along the stride"
     );
     assert!(faults < 50, "{faults} faults for {touched} touches");
+    // Its windows (up to 512 MiB, sampled) never prove dense.
+    for _ in 0..3 {
+        let rep = space.fill_dense(u64::MAX);
+        assert_eq!(rep.filled_windows, 0, "{rep:?}");
+        assert_eq!(rep.pending as u64, st.unfilled_windows);
+    }
+    assert!(be.prefills().is_empty());
+}
+
+#[test]
+fn fill_dense_samples_a_large_window() {
+    let opts = AddressSpaceOptions {
+        fault_around: 64 * MIB,
+        fault_around_max: 64 * MIB,
+        ..AddressSpaceOptions::default()
+    };
+    let (_mf, be, space) = space_with("fill-sample", opts);
+    space.map(MapOpts::anonymous(64 * MIB).fixed(GPA)).unwrap();
+    touch(&be, &space, GPA).unwrap();
+    // One page in 16 everywhere: under 10 % in every sample.
+    for gpa in (GPA..GPA + 64 * MIB).step_by(16 * PAGE_SIZE as usize) {
+        space.write(gpa, &[1]).unwrap();
+    }
+    assert_eq!(space.fill_dense(u64::MAX).filled_windows, 0);
+    // One page in 8: 12.5 %.
+    for gpa in (GPA + 8 * PAGE_SIZE..GPA + 64 * MIB).step_by(16 * PAGE_SIZE as usize) {
+        space.write(gpa, &[1]).unwrap();
+    }
+    let rep = space.fill_dense(u64::MAX);
+    assert_eq!((rep.filled_windows, rep.filled_bytes), (1, 64 * MIB));
+    assert_eq!(be.prefills(), vec![(r(GPA, GPA + 64 * MIB), true)]);
 }
 
 #[test]
@@ -282,4 +314,195 @@ fn a_write_fault_copies_within_its_window_only() {
     let p = parent.handle_fault(GPA + MIB, Access::Write).unwrap();
     assert_eq!(p.window.len(), 64 << 10);
     assert_eq!(p.cow_copied, 64 << 10);
+}
+
+/// Writes `pages` pages of the 2 MiB window at `start`, one every
+/// `stride` pages, as the guest's stores through the memslot would.
+fn touch_pages(space: &AddressSpace, start: u64, pages: u64, stride: u64) {
+    for i in 0..pages {
+        space
+            .write(start + i * stride * PAGE_SIZE, &[1u8; 8])
+            .unwrap();
+    }
+}
+
+#[test]
+fn fill_dense_fills_a_window_once_it_proves_dense_and_never_a_sparse_one() {
+    let (_mf, be, space) = space_with("fill-dense", AddressSpaceOptions::default());
+    space.map(MapOpts::anonymous(64 * MIB).fixed(GPA)).unwrap();
+    // Two jumps: each window is installed with empty neighbours, so the
+    // fault fills nothing and records it.
+    let dense = GPA + 10 * MIB;
+    let sparse = GPA + 40 * MIB;
+    for w in [dense, sparse] {
+        let (window, filled) = touch(&be, &space, w + 7 * PAGE_SIZE).unwrap();
+        assert_eq!((window, filled), (r(w, w + 2 * MIB), 0));
+    }
+    assert_eq!(space.stats().unfilled_windows, 2);
+    let first = space.fill_dense(u64::MAX);
+    assert_eq!(
+        (first.scanned, first.filled_windows, first.pending),
+        (2, 0, 2)
+    );
+    assert!(first.progress, "windows seen for the first time");
+    let again = space.fill_dense(u64::MAX);
+    assert!(!again.progress, "nothing changed since the last look");
+
+    // The dense window gets to 51 of 512 pages (just under 10 %), the
+    // sparse one to one page in 16 (6.25 %), which it never passes.
+    touch_pages(&space, dense, 50, 3);
+    touch_pages(&space, sparse, 31, 16);
+    let rep = space.fill_dense(u64::MAX);
+    assert_eq!((rep.filled_windows, rep.pending), (0, 2), "{rep:?}");
+    assert!(rep.progress);
+    touch_pages(&space, dense + 2 * PAGE_SIZE, 1, 1);
+    let rep = space.fill_dense(u64::MAX);
+    assert_eq!(
+        (rep.filled_windows, rep.filled_bytes, rep.pending),
+        (1, 2 * MIB, 1),
+        "{rep:?}"
+    );
+    assert_eq!(be.prefills(), vec![(r(dense, dense + 2 * MIB), true)]);
+    for _ in 0..3 {
+        let rep = space.fill_dense(u64::MAX);
+        assert_eq!((rep.filled_windows, rep.pending), (0, 1));
+    }
+    let st = space.stats();
+    assert_eq!((st.dense_fills, st.dense_filled_bytes), (1, 2 * MIB));
+    assert_eq!((st.prefilled_windows, st.prefilled_bytes), (0, 0));
+    space.check_invariants().unwrap();
+}
+
+#[test]
+fn fill_dense_drops_windows_unmapped_decommitted_or_copy_on_write() {
+    let (_mf, be, space) = space_with("fill-drop", AddressSpaceOptions::default());
+    space.map(MapOpts::anonymous(64 * MIB).fixed(GPA)).unwrap();
+    let windows = [GPA, GPA + 20 * MIB, GPA + 40 * MIB];
+    for &w in &windows {
+        touch(&be, &space, w + MIB).unwrap();
+        touch_pages(&space, w, 512, 1);
+    }
+    space.unmap(windows[0], 2 * MIB).unwrap();
+    space.decommit(windows[1], 2 * MIB).unwrap();
+    let _child = space.fork(Arc::new(RecordingBackend::new())).unwrap();
+    let rep = space.fill_dense(u64::MAX);
+    assert_eq!(
+        (rep.scanned, rep.dropped, rep.filled_windows, rep.pending),
+        (3, 3, 0, 0),
+        "{rep:?}"
+    );
+    assert!(be.prefills().is_empty(), "{:?}", be.prefills());
+    space.check_invariants().unwrap();
+}
+
+#[test]
+fn fill_dense_keeps_to_its_budget_and_scan_cap() {
+    let (_mf, be, space) = space_with("fill-budget", AddressSpaceOptions::default());
+    space.map(MapOpts::anonymous(256 * MIB).fixed(GPA)).unwrap();
+    // 40 dense 2 MiB windows, every other one (no streams, no evidence).
+    let windows: Vec<u64> = (0..40).map(|i| GPA + i * 4 * MIB + 2 * MIB).collect();
+    for &w in &windows {
+        let (_, filled) = touch(&be, &space, w).unwrap();
+        assert_eq!(filled, 0);
+        touch_pages(&space, w, 64, 8);
+    }
+    // 3 MiB of budget: one window whole, then half of the next.
+    let rep = space.fill_dense(3 * MIB);
+    assert_eq!((rep.filled_windows, rep.filled_bytes), (2, 3 * MIB));
+    assert_eq!(
+        be.prefills(),
+        vec![
+            (r(windows[0], windows[0] + 2 * MIB), true),
+            (r(windows[1], windows[1] + MIB), true)
+        ]
+    );
+    // The rest of that window is looked at first next time; one call
+    // examines windows until FILL_SCAN_MAX bytes: the 1 MiB rest, then 32.
+    let rep = space.fill_dense(u64::MAX);
+    assert_eq!(rep.scanned as u64, 1 + FILL_SCAN_MAX / (2 * MIB));
+    assert_eq!(
+        be.prefills()[2],
+        (r(windows[1] + MIB, windows[1] + 2 * MIB), true)
+    );
+    let rep = space.fill_dense(u64::MAX);
+    assert_eq!(rep.pending, 0, "{rep:?}");
+    assert_eq!(space.stats().dense_filled_bytes, 80 * MIB);
+    space.check_invariants().unwrap();
+}
+
+#[test]
+fn only_dense_records_windows_for_later() {
+    for prefill in [Prefill::Never, Prefill::Always { max_bytes: 0 }] {
+        let opts = AddressSpaceOptions {
+            prefill,
+            ..AddressSpaceOptions::default()
+        };
+        let (_mf, be, space) = space_with("fill-policies", opts);
+        space.map(MapOpts::anonymous(16 * MIB).fixed(GPA)).unwrap();
+        touch(&be, &space, GPA + 4 * MIB).unwrap();
+        touch_pages(&space, GPA + 4 * MIB, 512, 1);
+        assert_eq!(space.fill_dense(u64::MAX), FillReport::default());
+        assert_eq!(space.stats().unfilled_windows, 0);
+        assert!(be.prefills().is_empty());
+    }
+}
+
+#[test]
+fn fill_dense_runs_beside_faults_unmaps_decommits_and_protects() {
+    let (_mf, be, space) = space_with("fill-concurrent", AddressSpaceOptions::default());
+    let len = 64 * MIB;
+    space.map(MapOpts::anonymous(len).fixed(GPA)).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let filler = {
+        let (space, stop) = (space.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut filled = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                filled += space.fill_dense(4 * MIB).filled_bytes;
+            }
+            filled
+        })
+    };
+    // A pseudo-random walk of touches (dense per window), with windows
+    // unmapped and mapped again, decommitted and re-protected meanwhile.
+    let mut x: u64 = 12345;
+    let mut hole = 0;
+    for i in 0..20_000u64 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let gpa = GPA + ((x >> 20) % (len / PAGE_SIZE)) * PAGE_SIZE;
+        let two = gpa & !(2 * MIB - 1);
+        match i % 1000 {
+            500 => {
+                space.unmap(two, 2 * MIB).unwrap();
+                hole = two;
+            }
+            // The hole is mapped again 100 touches later.
+            600 => {
+                space.map(MapOpts::anonymous(2 * MIB).fixed(hole)).unwrap();
+            }
+            700 => drop(space.decommit(two, 2 * MIB)),
+            // Read-only for a while, then writable again (a window that
+            // is not mapped refuses: fine).
+            900 => drop(space.protect(two, 2 * MIB, guestmm::Perms::READ)),
+            950 => drop(space.protect(two, 2 * MIB, guestmm::Perms::READ_WRITE)),
+            _ => {
+                if space
+                    .maps()
+                    .iter()
+                    .any(|m| m.range.contains(gpa) && m.perms.write)
+                {
+                    touch(&be, &space, gpa);
+                }
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let filled = filler.join().unwrap();
+    let st = space.stats();
+    eprintln!("concurrent: filled {filled:#x}, {st:?}");
+    assert_eq!(filled, st.dense_filled_bytes);
+    assert!(st.dense_fills > 0, "{st:?}");
+    space.check_invariants().unwrap();
 }

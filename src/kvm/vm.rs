@@ -1,9 +1,11 @@
 //! `Vm`: a KVM VM whose RAM is a guestmm address space, shown to the guest
 //! through a [`SlotTable`], with the run gate its vCPUs pass through (see
-//! `kvm/gate.rs`): pause, stop, and the watchdog.
+//! `kvm/gate.rs`): pause, stop, the watchdog, and the filler thread
+//! ([`VmOptions::fill_dense`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::kvm_enable_cap;
@@ -12,7 +14,10 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use super::gate::{install_kick_handler, Closed, RunGate};
 use super::slots::{MergePolicy, SlotStats, SlotTable};
 use crate::memfile::MemoryFile;
-use crate::mm::{AddressSpace, AddressSpaceOptions, BackendError, FaultError, MmError};
+use crate::mm::{
+    AddressSpace, AddressSpaceOptions, BackendError, FaultError, MmError, DEFAULT_FILL_MAX_BYTES,
+    DEFAULT_FILL_PERIOD,
+};
 use crate::range::GuestRange;
 
 /// `KVM_CAP_EXIT_ON_EMULATION_FAILURE`: emulation failures exit to
@@ -154,6 +159,15 @@ pub struct VmOptions {
     /// period. `None` turns it off (a VMM may call [`Vm::kick_overdue`]
     /// from its own timer instead).
     pub watchdog: Option<Duration>,
+    /// Run a filler thread that calls
+    /// [`AddressSpace::fill_dense`] (fills installed windows once they
+    /// prove dense; see [`Prefill::Dense`](crate::mm::Prefill::Dense)):
+    /// every period while the windows it watches grow denser, backing off
+    /// to once a second while they do not, asleep while none is recorded
+    /// (a fault that records one wakes it). Each call fills at most
+    /// [`DEFAULT_FILL_MAX_BYTES`]. `None` turns it off (a VMM may call
+    /// `fill_dense` itself). Default [`DEFAULT_FILL_PERIOD`] (5 ms).
+    pub fill_dense: Option<Duration>,
 }
 
 impl Default for VmOptions {
@@ -167,6 +181,7 @@ impl Default for VmOptions {
             slot_merge: MergePolicy::default(),
             kick_signal: 0,
             watchdog: Some(Duration::from_secs(1)),
+            fill_dense: Some(DEFAULT_FILL_PERIOD),
         }
     }
 }
@@ -230,6 +245,8 @@ pub struct Vm {
     pub(crate) gate: Arc<RunGate>,
     stop_cause: Mutex<Option<StopCause>>,
     watchdog: Option<Arc<WatchdogControl>>,
+    /// The filler thread ([`VmOptions::fill_dense`]), joined on drop.
+    filler: Option<(Arc<FillerControl>, JoinHandle<()>)>,
     /// Whether what host I/O populated before the first `KVM_RUN` was
     /// installed (see [`Vm::install_host_writes`]).
     host_writes_installed: AtomicBool,
@@ -241,6 +258,20 @@ struct WatchdogControl {
     ended: Mutex<bool>,
     wake: Condvar,
 }
+
+/// Tells the filler thread to end.
+#[derive(Default)]
+struct FillerControl {
+    ended: AtomicBool,
+}
+
+/// The longest the filler thread waits between calls while recorded
+/// windows exist but do not grow denser.
+const FILLER_IDLE_MAX: Duration = Duration::from_secs(1);
+
+/// How long the filler thread waits while nothing is recorded (a fault
+/// that records a window wakes it sooner).
+const FILLER_ASLEEP: Duration = Duration::from_secs(3600);
 
 /// A pause of every vCPU of a [`Vm`] (see [`Vm::pause`]); they resume when
 /// it drops.
@@ -269,6 +300,12 @@ impl Vm {
             return Err(VmError::BadOption {
                 option: "max_slots",
                 why: "0 slots leave no room for guest memory".into(),
+            });
+        }
+        if opts.fill_dense == Some(Duration::ZERO) {
+            return Err(VmError::BadOption {
+                option: "fill_dense",
+                why: "a period of 0 would scan continuously".into(),
             });
         }
         if opts.watchdog == Some(Duration::ZERO) {
@@ -310,6 +347,14 @@ impl Vm {
         )?);
         let space = AddressSpace::new(memfile, slots.clone(), opts.space)?;
         let watchdog = opts.watchdog.map(|_| Arc::new(WatchdogControl::default()));
+        let filler = match opts.fill_dense {
+            Some(period) => {
+                let control = Arc::new(FillerControl::default());
+                let handle = spawn_filler(space.clone(), period, control.clone())?;
+                Some((control, handle))
+            }
+            None => None,
+        };
         let vm = Arc::new(Vm {
             vm_fd,
             slots,
@@ -320,6 +365,7 @@ impl Vm {
             gate,
             stop_cause: Mutex::new(None),
             watchdog: watchdog.clone(),
+            filler,
             host_writes_installed: AtomicBool::new(false),
         });
         if let (Some(period), Some(control)) = (opts.watchdog, watchdog) {
@@ -498,7 +544,61 @@ impl Drop for Vm {
             *control.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
             control.wake.notify_all();
         }
+        if let Some((control, handle)) = self.filler.take() {
+            control.ended.store(true, Ordering::Release);
+            self.space.wake_fill_waiters();
+            if handle.join().is_err() {
+                log::error!("the filler thread panicked");
+            }
+        }
     }
+}
+
+/// Starts the filler thread of a VM (see [`VmOptions::fill_dense`]): it
+/// calls [`AddressSpace::fill_dense`], at most once per `period`; then
+/// waits `period` while the recorded windows grow denser (or something
+/// was filled), twice as long as last time while they do not (up to
+/// [`FILLER_IDLE_MAX`]), and until a fault records a window while none is.
+/// It holds the address space, not the VM, and ends when the VM drops
+/// (which joins it).
+fn spawn_filler(
+    space: Arc<AddressSpace>,
+    period: Duration,
+    control: Arc<FillerControl>,
+) -> Result<JoinHandle<()>, VmError> {
+    let ended = move || control.ended.load(Ordering::Acquire);
+    std::thread::Builder::new()
+        .name("guestmm-filler".into())
+        .spawn(move || {
+            let mut idle = period;
+            loop {
+                let seen = space.fill_generation();
+                let report = space.fill_dense(DEFAULT_FILL_MAX_BYTES);
+                idle = if report.pending == 0 {
+                    FILLER_ASLEEP
+                } else if report.filled_bytes > 0 || report.progress {
+                    period
+                } else {
+                    (idle * 2).min(FILLER_IDLE_MAX)
+                };
+                // At least `period` between calls, then the rest of the
+                // idle time unless a fault records a window.
+                std::thread::sleep(period);
+                if ended() {
+                    return;
+                }
+                if idle > period {
+                    space.wait_fill_work(seen, idle - period);
+                }
+                if ended() {
+                    return;
+                }
+            }
+        })
+        .map_err(|source| VmError::BadOption {
+            option: "fill_dense",
+            why: format!("cannot start its thread: {source}"),
+        })
 }
 
 /// Starts the watchdog thread of a VM: every half `period` it kicks the

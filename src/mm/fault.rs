@@ -12,6 +12,7 @@
 //!                  install_locked(window)          backend: memslots
 //!                  plan the prefill                the Prefill policy, from what the
 //!                                                  stream's previous window committed
+//!                  or record the window unfilled   for AddressSpace::fill_dense
 //!   (no lock)      backend.prefill(pieces)         fill host page tables
 //! ```
 //!
@@ -50,10 +51,16 @@
 //! the stream's next fault comes, the probe's residency is its evidence,
 //! and a stream that turns sparse stops getting fills after one window.
 //!
-//! Known limit: a guest that touches pages at random (the `scatter` test
-//! guest) installs every window while the memory beside it is still empty
-//! and gets no fills (filling installed windows later, once they prove
-//! dense, needs a trigger other than faults and is not done).
+//! A guest that touches pages at random (the `scatter` test guest)
+//! installs every window while the memory beside it is still empty, so no
+//! fault sees evidence. Under `Dense` the fault path therefore records each
+//! window it installs without a fill, and
+//! [`AddressSpace::fill_dense`] (called off the fault path: a `Vm`'s filler
+//! thread, see [`kvm::VmOptions::fill_dense`](crate::kvm::VmOptions::fill_dense))
+//! fills a recorded window once it is `later_percent` committed: a random
+//! but dense guest gets its windows filled after touching a tenth of them,
+//! a sparse one (a page or two per window) never does. See
+//! [`fill`](super::fill).
 //!
 //! # Copy-on-write
 //!
@@ -100,13 +107,21 @@ pub enum Prefill {
     Never,
     /// Fill a window when the memory beside it (the stream's previous
     /// window, or the neighbouring windows) is at least `min_percent`
-    /// committed. Values above 100 never fill.
+    /// committed; fill a window installed without a fill later, off the
+    /// fault path ([`AddressSpace::fill_dense`]), once it is itself at
+    /// least `later_percent` committed. Values above 100 never fill.
     Dense {
         /// Committed share of the evidence, in percent, that makes a
-        /// window worth filling.
+        /// window worth filling at the fault.
         min_percent: u8,
         /// The most one fault fills (rounded down to pages).
         max_bytes: u64,
+        /// Committed share of an installed, unfilled window, in percent,
+        /// that makes it worth filling later. A guest that touches one
+        /// page in N of a window commits at most `100 / later_percent`
+        /// times what it touches there (N ≤ that) or only what it
+        /// touches (N above it).
+        later_percent: u8,
     },
     /// Fill every window a fault installs, up to `max_bytes` per fault.
     Always {
@@ -120,10 +135,16 @@ impl Default for Prefill {
     /// windows a sequential stream grows to, so none is left half filled;
     /// the probe, not the budget, is what keeps a sparse stream cheap. The
     /// budget bounds how long one fault zeroes memory (~50 ms per GiB).
+    /// Later fills at 10 %: a random but dense guest has its windows
+    /// filled from a tenth on (the `scatter` guest, 256 MiB: half of its
+    /// KVM page faults go, the rest are pages it touches while the filler
+    /// works; 5 % saves little more), a guest touching one page in ten or
+    /// fewer commits at most ten times what it touches.
     fn default() -> Self {
         Prefill::Dense {
             min_percent: 50,
             max_bytes: 1 << 30,
+            later_percent: 10,
         }
     }
 }
@@ -419,8 +440,17 @@ impl AddressSpace {
         self.install_locked(&active, vr, vma, window)
             .map_err(|e| FaultError::from_mm(e, gpa, access))?;
         let fill = self.plan_prefill_locked(&mut active, vr, vma, gpa, chosen);
+        // A window the policy did not fill may prove dense later.
+        let record = fill.is_empty() && matches!(self.opts.prefill, Prefill::Dense { .. });
+        if record {
+            active.pending_fills.record(window);
+            Counters::add(&self.counters.unfilled_windows, 1);
+        }
         drop(active);
         drop(mapping);
+        if record {
+            self.fill_signal.bump();
+        }
         let prefilled = self.prefill(&fill);
         log::trace!(
             "space {}: {access} fault at {gpa:#x} -> {window} {report:?} prefilled {prefilled:#x}",
@@ -459,6 +489,7 @@ impl AddressSpace {
             Prefill::Dense {
                 min_percent,
                 max_bytes,
+                ..
             } => {
                 let (committed, total) = self.evidence_locked(active, vr, window, chosen);
                 if total == 0 || committed * 100 < total * u64::from(min_percent) {

@@ -5,6 +5,8 @@
 //! - [`protect`]: the per-vma protection ranges;
 //! - [`pma`]: what is populated, copy-on-write aware;
 //! - [`fault`]: the fault path (`handle_fault`) and the fault-around policy;
+//! - [`fill`]: filling installed windows once they prove dense
+//!   (`fill_dense`, off the fault path);
 //! - [`io`]: host-side reads and writes, pins;
 //! - [`guest_memory`]: vm-memory's `GuestMemory` over an address space;
 //! - [`regions`]: vm-memory's region-based `GuestMemoryBackend` over an
@@ -27,6 +29,7 @@
 pub mod backend;
 pub mod extents;
 pub mod fault;
+pub mod fill;
 pub mod fork;
 pub mod guest_memory;
 mod hostfile;
@@ -53,6 +56,10 @@ pub use backend::{AddressSpaceBackend, BackendError, NoopBackend, RecordingBacke
 pub use check::check_file_refs;
 pub use extents::{Extent, ExtentBacking};
 pub use fault::{FaultError, Populated, Prefill, COW_CHUNK, PREFILL_EVIDENCE_MAX, PREFILL_PROBE};
+pub use fill::{
+    FillReport, DEFAULT_FILL_MAX_BYTES, DEFAULT_FILL_PERIOD, FILL_PENDING_MAX, FILL_SAMPLE_MAX,
+    FILL_SCAN_MAX,
+};
 pub use guest_memory::SpaceMemory;
 pub use hostfile::HostFile;
 pub use io::{IoOpts, Pin};
@@ -184,8 +191,10 @@ pub struct AddressSpaceOptions {
     /// default [`DEFAULT_FAULT_AROUND_MAX`]).
     pub fault_around_max: u64,
     /// When a fault also fills the host page tables of the window it
-    /// installs (commits it; see [`Prefill`]). Default: [`Prefill::Dense`]
-    /// at 50 %, at most 1 GiB per fault.
+    /// installs (commits it; see [`Prefill`]), and whether windows it did
+    /// not fill are recorded for [`AddressSpace::fill_dense`]. Default:
+    /// [`Prefill::Dense`] at 50 %, at most 1 GiB per fault, later fills
+    /// at 10 %.
     pub prefill: Prefill,
 }
 
@@ -221,6 +230,9 @@ pub(crate) struct Counters {
     pub installs: AtomicU64,
     pub prefilled_windows: AtomicU64,
     pub prefilled_bytes: AtomicU64,
+    pub unfilled_windows: AtomicU64,
+    pub dense_fills: AtomicU64,
+    pub dense_filled_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -241,6 +253,8 @@ pub(crate) type PinnedPages = Vec<(Arc<dyn File>, crate::range::FileRange)>;
 pub(crate) struct ActiveState {
     pub pmas: SegmentSet<Pma>,
     pub fault_around: FaultAround,
+    /// Windows installed without a fill, for `fill_dense`.
+    pub pending_fills: fill::PendingFills,
     /// Pinned file ranges, by pin id, released by `unpin`.
     pub pins: std::collections::HashMap<u64, PinnedPages>,
     pub next_pin: u64,
@@ -267,6 +281,8 @@ pub struct AddressSpace {
     /// Owners of private pages, shared with forks. Lock order: after `active`.
     private_refs: Arc<PrivateRefs>,
     counters: Counters,
+    /// Wakes a `fill_dense` caller when a window is recorded. A leaf lock.
+    fill_signal: fill::FillSignal,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -334,11 +350,13 @@ impl AddressSpace {
             active: Mutex::new(ActiveState {
                 pmas: SegmentSet::new(),
                 fault_around,
+                pending_fills: Default::default(),
                 pins: Default::default(),
                 next_pin: 1,
             }),
             private_refs,
             counters: Counters::default(),
+            fill_signal: Default::default(),
         })
     }
 

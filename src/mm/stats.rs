@@ -74,6 +74,14 @@ pub struct Stats {
     pub prefilled_windows: u64,
     /// Bytes filled by those (committed by the fill, not by the guest).
     pub prefilled_bytes: u64,
+    /// Windows the fault path installed without a fill and recorded for
+    /// [`fill_dense`](AddressSpace::fill_dense).
+    pub unfilled_windows: u64,
+    /// Recorded windows [`fill_dense`](AddressSpace::fill_dense) filled
+    /// once they proved dense.
+    pub dense_fills: u64,
+    /// Bytes filled by those.
+    pub dense_filled_bytes: u64,
 }
 
 impl AddressSpace {
@@ -159,6 +167,9 @@ impl AddressSpace {
             installs: load(&c.installs),
             prefilled_windows: load(&c.prefilled_windows),
             prefilled_bytes: load(&c.prefilled_bytes),
+            unfilled_windows: load(&c.unfilled_windows),
+            dense_fills: load(&c.dense_fills),
+            dense_filled_bytes: load(&c.dense_filled_bytes),
         }
     }
 }
