@@ -482,12 +482,17 @@ pub fn run(kvm: &Kvm, table: &mut Table) {
                 "slots",
                 "KVM_SET_USER_MEMORY_REGION adds, boot region included",
             );
-            table.bench(
+            let f = table.bench(
                 &format!("slot-deletes/{}", c.name),
                 med(|x| x.slot_deletes),
                 "slots",
                 "slot deletes during the run",
             );
+            // The slot budget (issue 11): a sequential stream under the
+            // budget deletes no slot, so KVM keeps every mapping it built.
+            if c.name == "guestmm" {
+                f.target(Target::AtMost(0.0));
+            }
         }
         table.bench(
             &format!("max-live-slots/{}", c.name),
@@ -502,18 +507,18 @@ pub fn run(kvm: &Kvm, table: &mut Table) {
                 "slots",
                 "most live slots minus the boot region's",
             );
-            if c.name == "lazy-adaptive" {
-                f.target(Target::AtMost(2.0));
+            // Windows double, one slot each: O(log RAM) slots (the earlier
+            // target of 1-2 slots belonged to eager merging, which zapped
+            // KVM's mappings at every merge).
+            if c.name == "guestmm" {
+                f.target(Target::AtMost(12.0));
             }
-            let f = table.bench(
+            table.bench(
                 &format!("ram-slots-at-end/{}", c.name),
                 med(|x| x.live_end) - 1.0,
                 "slots",
                 "live slots at the guest's exit minus the boot region's",
             );
-            if c.name == "lazy-adaptive" {
-                f.target(Target::AtMost(1.0));
-            }
         }
         table.bench(
             &format!("rss-per-mib/{}", c.name),
