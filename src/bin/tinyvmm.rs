@@ -213,7 +213,7 @@ fn run_linux(kvm: &kvm_ioctls::Kvm, a: &Args) -> bool {
     };
     println!(
         "linux: {} {how} after {:.1} s: faults {} memory exits {} port exits {} slot adds {} \
-         populated {} MiB #BP injected {}",
+         populated {} MiB #BP injected {} fwait skipped {}",
         if ok { "PASS" } else { "FAIL" },
         r.elapsed.as_secs_f64(),
         r.mm.faults,
@@ -222,6 +222,7 @@ fn run_linux(kvm: &kvm_ioctls::Kvm, a: &Args) -> bool {
         r.vm.slots.adds,
         r.populated_bytes >> 20,
         r.injected_breakpoints,
+        r.skipped_fwaits,
     );
     if a.stats {
         println!("  mm: {:?}", r.mm);

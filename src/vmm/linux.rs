@@ -12,10 +12,14 @@
 //! rest faults in on first touch) or precommitted with `eager`.
 //!
 //! On hosts that emulate guest CPL0 code (PVM), the host cannot emulate
-//! `cmpxchg16b`, `xrstor` or `clac`/`stac` for the guest:
-//! [`LinuxOptions::default`] clears CX16 and SMAP in CPUID and passes
-//! `noxsave`, and an `int3` the host cannot run is delivered to the guest
-//! as `#BP` (the kernel's own int3 self-test).
+//! `cmpxchg16b`, `xrstor`, `clac`/`stac`, `popcnt`, `int3` or `fwait` for
+//! the guest. [`LinuxOptions::default`] clears CX16 and SMAP in CPUID, and
+//! [`DEFAULT_CMDLINE`] passes `noxsave` and `clearcpuid=smap,smep,popcnt`
+//! (the CPUID bits alone did not keep the kernel from patching in `clac`
+//! here); an `int3` the host cannot run is delivered to the guest as `#BP`
+//! (the kernel's own int3 self-test), and an `fwait` (a no-op without a
+//! pending x87 exception, which a kernel booting with the x87 masked never
+//! has) is stepped over.
 
 use std::fs::File;
 use std::io::Write;
@@ -86,9 +90,9 @@ const CPUID1_ECX_HYPERVISOR: u32 = 1 << 31;
 
 /// The command line passed when none is given: a serial console from the
 /// start (earlyprintk), a fixed kernel address, and the PVM workarounds
-/// (`noxsave`, `nosmap`: see the module docs).
+/// (`noxsave`, `clearcpuid=smap,smep,popcnt`: see the module docs).
 pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 earlyprintk=serial,ttyS0 noxsave nosmap nokaslr reboot=t panic=-1";
+    "console=ttyS0 earlyprintk=serial,ttyS0 noxsave clearcpuid=smap,smep,popcnt nokaslr reboot=t panic=-1";
 
 /// Which entry point of the kernel to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +178,8 @@ pub struct LinuxReport {
     pub port_exits: u64,
     /// `#BP` exceptions delivered for `int3`s the host could not run.
     pub injected_breakpoints: u64,
+    /// `fwait`s the host could not run, stepped over.
+    pub skipped_fwaits: u64,
     /// VM counters.
     pub vm: VmStats,
     /// Address space counters.
@@ -341,6 +347,7 @@ pub fn boot_linux(kvm: &Kvm, opts: &LinuxOptions) -> Result<LinuxReport, LinuxEr
         reached: false,
         port_exits: 0,
         injected_breakpoints: 0,
+        skipped_fwaits: 0,
         seen: 0,
     };
 
@@ -390,6 +397,7 @@ pub fn boot_linux(kvm: &Kvm, opts: &LinuxOptions) -> Result<LinuxReport, LinuxEr
         elapsed,
         port_exits: handler.port_exits,
         injected_breakpoints: handler.injected_breakpoints,
+        skipped_fwaits: handler.skipped_fwaits,
         vm: vm.stats(),
         populated_bytes: mm.populated_bytes,
         mm,
@@ -678,6 +686,7 @@ struct LinuxExits {
     reached: bool,
     port_exits: u64,
     injected_breakpoints: u64,
+    skipped_fwaits: u64,
     /// Console bytes already searched for `stop_at` (minus its length).
     seen: usize,
 }
@@ -730,13 +739,23 @@ impl ExitHandler for LinuxExits {
     }
 
     fn emulation_failure(&mut self, vcpu: &Vcpu, f: &EmulationFailure) -> Action {
-        if f.violation.is_none() && f.instruction.bytes().first() == Some(&0xcc) {
+        let first = f.instruction.bytes().first().copied();
+        if f.violation.is_none() && first == Some(0xcc) {
             match inject_breakpoint(vcpu.fd()) {
                 Ok(()) => {
                     self.injected_breakpoints += 1;
                     return Action::Continue;
                 }
                 Err(e) => log::warn!("could not inject #BP: {e}"),
+            }
+        }
+        if f.violation.is_none() && first == Some(0x9b) {
+            match step_over(vcpu.fd(), 1) {
+                Ok(()) => {
+                    self.skipped_fwaits += 1;
+                    return Action::Continue;
+                }
+                Err(e) => log::warn!("could not step over fwait: {e}"),
             }
         }
         log::warn!("linux guest: {f}");
@@ -750,12 +769,17 @@ impl ExitHandler for LinuxExits {
     }
 }
 
+/// Moves RIP past an instruction of `len` bytes.
+fn step_over(vcpu: &VcpuFd, len: u64) -> Result<(), kvm_ioctls::Error> {
+    let mut regs = vcpu.get_regs()?;
+    regs.rip += len;
+    vcpu.set_regs(&regs)
+}
+
 /// Delivers the `#BP` an `int3` raises: a trap, so the exception frame
 /// holds the address after the instruction.
 fn inject_breakpoint(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
-    let mut regs = vcpu.get_regs()?;
-    regs.rip += 1;
-    vcpu.set_regs(&regs)?;
+    step_over(vcpu, 1)?;
     let mut events = vcpu.get_vcpu_events()?;
     events.exception.injected = 1;
     events.exception.nr = 3;
