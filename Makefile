@@ -37,7 +37,7 @@ linux:
 
 ## Criterion benches and the side-by-side comparison runner (figures on
 ## stdout as `bench NAME: VALUE UNIT` / `ratio NAME: VALUE`, table in
-## target/bench-report.md; about 3 minutes).
+## target/bench-report.md; about 10 minutes here).
 bench:
 	$(CARGO) bench $(FEATURES)
 
