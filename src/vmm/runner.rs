@@ -17,8 +17,8 @@ use super::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
 use super::guests::{cow_pattern, Guest};
 use super::hypercall::{self, Hypercall};
 use crate::kvm::{
-    Action, EmulationFailure, ExitHandler, KvmStats, KvmStatsReader, MemoryViolation, MergePolicy,
-    Vcpu, VcpuStop, Vm, VmOptions, VmStats,
+    Action, CowMode, EmulationFailure, ExitHandler, KvmStats, KvmStatsReader, MemoryViolation,
+    MergePolicy, Vcpu, VcpuStop, Vm, VmOptions, VmStats,
 };
 use crate::memfile::{MemoryFile, MemoryFileOptions};
 use crate::mm::{
@@ -56,6 +56,9 @@ pub struct RunOptions {
     /// often while the guest runs, as a balloon or a memory-pressure
     /// policy would. Only for guests that do not rely on RAM contents.
     pub decommit_every: Option<Duration>,
+    /// The copy-on-write mode, for guests that do not ask for one
+    /// ([`Guest::cow`](super::guests::Guest::cow)).
+    pub cow: CowMode,
 }
 
 impl Default for RunOptions {
@@ -71,6 +74,7 @@ impl Default for RunOptions {
             memfile_max: None,
             slot_merge: MergePolicy::default(),
             decommit_every: None,
+            cow: VmOptions::default().cow,
         }
     }
 }
@@ -321,6 +325,7 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
             space: space_opts,
             max_slots: opts.max_slots,
             slot_merge: opts.slot_merge,
+            cow: guest.cow.unwrap_or(opts.cow),
             ..VmOptions::default()
         },
     )?;
@@ -345,7 +350,10 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
     }
     space.map(ram)?;
 
-    let mut args = EntryArgs::default();
+    let mut args = EntryArgs {
+        cow_wp: vm.stats().cow_mode == CowMode::UserfaultfdWp,
+        ..EntryArgs::default()
+    };
     let template = if guest.template_size > 0 {
         let (file, hf) = make_template(guest.template_size)?;
         args.template_base = layout.ram_base() + ram_size;
@@ -613,19 +621,15 @@ fn run_vcpus(
 
 /// A private temporary file of `size` bytes filled with the COW pattern.
 fn make_template(size: u64) -> Result<(std::fs::File, Arc<HostFile>), RunError> {
-    let dir = std::env::temp_dir();
-    let path = dir.join(format!(
-        "guestmm-template-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
-    std::fs::remove_file(&path)?;
+    // A memfd: shmem, so userfaultfd can write-protect its pages
+    // (CowMode::UserfaultfdWp); a file on disk would keep read-only slots.
+    // SAFETY: a NUL-terminated name and valid flags.
+    let fd = unsafe { libc::memfd_create(c"guestmm-template".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     let mut buf = Vec::with_capacity(size as usize);
     for off in (0..size).step_by(8) {
         buf.extend_from_slice(&cow_pattern(off).to_le_bytes());
