@@ -246,6 +246,17 @@ fn run(
     }
 }
 
+/// `space.break_cow_page(gpa)`, its time logged at trace level.
+fn timed_break(
+    space: &AddressSpace,
+    gpa: u64,
+) -> Result<crate::mm::pma::PageBreak, crate::mm::MmError> {
+    let t = Instant::now();
+    let r = space.break_cow_page(gpa);
+    log::trace!("break_cow_page({gpa:#x}) took {:?}", t.elapsed());
+    r
+}
+
 fn handle(
     uffd: &Userfaultfd,
     slots: &SlotTable,
@@ -257,7 +268,7 @@ fn handle(
 ) {
     match slots.gpa_of_host(page) {
         None => log::warn!("copy-on-write thread: event outside the reservation: {ev:?}"),
-        Some(gpa) => match space.break_cow_page(gpa) {
+        Some(gpa) => match timed_break(space, gpa) {
             Ok(b) if b.cow_copied + b.cow_taken_over > 0 => {
                 counters.page_breaks.fetch_add(1, Ordering::Relaxed);
                 counters

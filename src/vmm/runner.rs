@@ -59,6 +59,11 @@ pub struct RunOptions {
     /// The copy-on-write mode, for guests that do not ask for one
     /// ([`Guest::cow`](super::guests::Guest::cow)).
     pub cow: CowMode,
+    /// Populate the template for write and fork the address space before
+    /// the vCPUs start (the child, over a no-op backend, lives until they
+    /// end): the guest's template pages are then copy-on-write after a
+    /// fork, shared with the child, instead of fresh object pages.
+    pub fork_template: bool,
 }
 
 impl Default for RunOptions {
@@ -75,6 +80,7 @@ impl Default for RunOptions {
             slot_merge: MergePolicy::default(),
             decommit_every: None,
             cow: VmOptions::default().cow,
+            fork_template: false,
         }
     }
 }
@@ -367,6 +373,12 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
     } else {
         None
     };
+    let forked = if opts.fork_template && template.is_some() {
+        space.populate(args.template_base, args.template_size, crate::Access::Write)?;
+        Some(space.fork(Arc::new(crate::mm::NoopBackend))?)
+    } else {
+        None
+    };
 
     let mut vcpu_list = Vec::new();
     for i in 0..vcpus {
@@ -395,6 +407,7 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         opts.timeout,
     );
     let elapsed = start.elapsed();
+    drop(forked);
     let host_decommits = interference.map_or(Ok(0), Decommitter::finish);
     let mut timeout_failures = Vec::new();
     if !stuck.is_empty() {
