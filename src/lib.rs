@@ -82,13 +82,15 @@
 //! two ways, chosen at [`kvm::Vm::new`] ([`kvm::VmOptions::cow`],
 //! [`kvm::CowMode`]) and reported in [`kvm::VmStats::cow_mode`]:
 //!
-//! - **read-only slots** (the default, works everywhere): copy-on-write
+//! - **read-only slots** (works everywhere; what `Auto`, the default,
+//!   falls back to where userfaultfd is unavailable): copy-on-write
 //!   memory sits in read-only memslots; a write exits and the fault copies
 //!   the 2 MiB chunk around it. A locked read-modify-write whose write
 //!   hits such a page is emulated by KVM and is not atomic against other
 //!   vCPUs (README, "Atomicity").
 //! - **userfaultfd write protection** (`/dev/userfaultfd` or privileged
-//!   `userfaultfd(2)`, memfd/tmpfs pages): copy-on-write memory sits in
+//!   `userfaultfd(2)`, memfd/tmpfs pages; what `Auto` picks where it can
+//!   be opened): copy-on-write memory sits in
 //!   *writable* memslots with its host pages write-protected; a write
 //!   blocks inside KVM while the VM's fault thread copies that one 4 KiB
 //!   page ([`mm::AddressSpace::break_cow_page`]) and wakes it; the

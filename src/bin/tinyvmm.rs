@@ -12,8 +12,8 @@
 //!                            new windows get their own slot below N live slots,
 //!                            at N the smallest adjacent pair merges
 //!   --eager-merge            every install merges with its neighbours (MergePolicy::Eager)
-//!   --cow MODE               copy-on-write mode (CowMode): auto (userfaultfd write
-//!                            protection where available), ro-slots (default) or uffd-wp;
+//!   --cow MODE               copy-on-write mode (CowMode): auto (default: userfaultfd
+//!                            write protection where available), ro-slots or uffd-wp;
 //!                            guests that need one (cowsmp) choose their own
 //!   --memfile-max-mib N      guest memory cap (an even number of MiB)
 //!   --timeout-s N            stop the guest after N seconds (default 120) and

@@ -38,7 +38,10 @@ use super::slots::SlotTable;
 pub enum CowMode {
     /// [`UserfaultfdWp`](Self::UserfaultfdWp) when a userfaultfd with
     /// write protection of memfd memory can be opened, else
-    /// [`ReadOnlySlots`](Self::ReadOnlySlots).
+    /// [`ReadOnlySlots`](Self::ReadOnlySlots) (logged at info level). The
+    /// default: the whole KVM test suite and every tinyvmm guest pass in
+    /// either mode.
+    #[default]
     Auto,
     /// Copy-on-write memory is installed in read-only memslots; a guest
     /// write exits, and the fault copies (at most) the 2 MiB chunk
@@ -46,7 +49,6 @@ pub enum CowMode {
     /// read-modify-write whose write hits such a page is emulated by KVM
     /// and is *not* atomic against other vCPUs (see the README's
     /// atomicity note). Works everywhere.
-    #[default]
     ReadOnlySlots,
     /// Copy-on-write memory is installed in writable memslots with its
     /// host pages write-protected through userfaultfd; a guest write
