@@ -64,6 +64,10 @@ pub struct RunOptions {
     /// end): the guest's template pages are then copy-on-write after a
     /// fork, shared with the child, instead of fresh object pages.
     pub fork_template: bool,
+    /// Populate all of RAM for write and fork the address space before the
+    /// vCPUs start (with [`fork_template`](Self::fork_template), one fork
+    /// for both): every RAM page the guest writes is then copy-on-write.
+    pub fork_ram: bool,
 }
 
 impl Default for RunOptions {
@@ -81,6 +85,7 @@ impl Default for RunOptions {
             decommit_every: None,
             cow: VmOptions::default().cow,
             fork_template: false,
+            fork_ram: false,
         }
     }
 }
@@ -373,8 +378,14 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
     } else {
         None
     };
-    let forked = if opts.fork_template && template.is_some() {
-        space.populate(args.template_base, args.template_size, crate::Access::Write)?;
+    let fork_template = opts.fork_template && template.is_some();
+    let forked = if fork_template || opts.fork_ram {
+        if fork_template {
+            space.populate(args.template_base, args.template_size, crate::Access::Write)?;
+        }
+        if opts.fork_ram {
+            space.populate(layout.ram_base(), ram_size, crate::Access::Write)?;
+        }
         Some(space.fork(Arc::new(crate::mm::NoopBackend))?)
     } else {
         None
