@@ -170,3 +170,76 @@ fn the_read_only_slot_mode_still_runs_the_locked_guest() {
     assert_eq!(r.vm.cow_mode, CowMode::ReadOnlySlots);
     println!("adv_cowsmp, ro-slots, 4 vCPUs: {}", r.console.trim());
 }
+
+#[test]
+fn sparse_writes_after_a_fork_copy_only_their_pages() {
+    let _serial = serial();
+    let Some(kvm) = kvm_or_skip() else { return };
+    if !wp_or_skip() {
+        return;
+    }
+    const GIB: u64 = 1 << 30;
+    let opts = RunOptions {
+        ram_size: GIB,
+        fork_ram: true,
+        cow: CowMode::UserfaultfdWp,
+        ..RunOptions::default()
+    };
+    let r = run(&kvm, "sparse", &opts);
+    assert_pass(&r);
+    let touched = GIB / (2 << 20);
+    println!(
+        "sparse after a fork of 1 GiB: {} KiB copied for {touched} pages written ({} KiB), \
+         {} events, {} page breaks, {} collapses, {:.1} us per event, max slots {}",
+        r.mm.cow_copied_bytes >> 10,
+        touched * PAGE >> 10,
+        r.vm.cow.events,
+        r.vm.cow.page_breaks,
+        r.vm.cow.collapses,
+        r.vm.cow.handle_ns as f64 / r.vm.cow.events.max(1) as f64 / 1e3,
+        r.vm.slots.max_live
+    );
+    // Issue 12's target: growth ≤ 1.1 × pages written (plus the guest's
+    // stack and bookkeeping pages, a handful).
+    assert!(
+        r.mm.cow_copied_bytes <= (touched * PAGE) * 11 / 10 + 16 * PAGE,
+        "{:?}",
+        r.mm
+    );
+    assert!(r.mm.cow_copied_bytes >= touched * PAGE, "{:?}", r.mm);
+}
+
+#[test]
+fn writing_half_of_a_private_template_copies_about_what_is_written() {
+    let _serial = serial();
+    let Some(kvm) = kvm_or_skip() else { return };
+    if !wp_or_skip() {
+        return;
+    }
+    const TEMPLATE: u64 = 256 << 20;
+    let guest = guests::Guest {
+        template_size: TEMPLATE,
+        ..*guests::find("cow").unwrap()
+    };
+    let mut got = Vec::new();
+    for mode in [CowMode::UserfaultfdWp, CowMode::ReadOnlySlots] {
+        let opts = RunOptions {
+            cow: mode,
+            ..RunOptions::default()
+        };
+        let r = run_guest(&kvm, &guest, &opts).unwrap();
+        assert_pass(&r);
+        let ratio = r.mm.cow_copied_bytes as f64 / (TEMPLATE / 2) as f64;
+        println!(
+            "cow guest, 256 MiB template, half written, {}: copied/written {ratio:.3}, {} ms, \
+             {} events, {} collapses, memory exits {}",
+            mode.name(),
+            r.elapsed.as_millis(),
+            r.vm.cow.events,
+            r.vm.cow.collapses,
+            r.vm.memory_exits
+        );
+        got.push(ratio);
+    }
+    assert!(got[0] <= 1.02, "uffd-wp copied/written {}", got[0]);
+}
