@@ -192,7 +192,7 @@ fn sparse_writes_after_a_fork_copy_only_their_pages() {
         "sparse after a fork of 1 GiB: {} KiB copied for {touched} pages written ({} KiB), \
          {} events, {} page breaks, {} collapses, {:.1} us per event, max slots {}",
         r.mm.cow_copied_bytes >> 10,
-        touched * PAGE >> 10,
+        (touched * PAGE) >> 10,
         r.vm.cow.events,
         r.vm.cow.page_breaks,
         r.vm.cow.collapses,
