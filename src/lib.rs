@@ -99,8 +99,8 @@
 //!   2 MiB chunk with [`mm::pma::COW_COLLAPSE_PAGES`] broken pages is
 //!   copied whole at the next break (bounded fragmentation). Pages of
 //!   files userfaultfd cannot protect (a regular file on disk mapped
-//!   privately) keep read-only slots, but write faults there still copy
-//!   per page.
+//!   privately) keep read-only slots and chunk-granular copies, as in the
+//!   other mode.
 //!
 //! ## Memslots
 //!

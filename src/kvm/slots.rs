@@ -829,6 +829,10 @@ impl AddressSpaceBackend for SlotTable {
         self.uffd.is_some()
     }
 
+    fn page_granular_cow_for(&self, fd: BorrowedFd<'_>) -> bool {
+        self.uffd.is_some() && shmem_backed(fd)
+    }
+
     fn remove(&self, range: GuestRange) -> Result<(), BackendError> {
         self.check_range(range)?;
         let mut st = self.lock();

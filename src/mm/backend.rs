@@ -100,6 +100,17 @@ pub trait AddressSpaceBackend: Send + Sync {
         false
     }
 
+    /// Whether [`install_cow`](Self::install_cow) of pages of `fd` traps
+    /// writes per page. Where it does not (a backend that is
+    /// [`page_granular_cow`](Self::page_granular_cow) but cannot protect
+    /// this file's pages), a write fault breaks copy-on-write in the whole
+    /// chunk again, as without per-page trapping. The default is
+    /// `page_granular_cow()`.
+    fn page_granular_cow_for(&self, fd: BorrowedFd<'_>) -> bool {
+        let _ = fd;
+        self.page_granular_cow()
+    }
+
     /// Fills the host page tables behind `range`, which was installed
     /// `writable` (or read-only) just before, so the guest's first accesses
     /// there find present pages instead of taking a host page fault each.

@@ -300,12 +300,42 @@ impl AddressSpace {
             report.populated += hole.len();
         }
         if access == Access::Write && !cow.is_empty() {
+            let cow = self.widen_unprotectable_cow_locked(active, range, cow);
             let cow = self.break_cow_locked(active, cow)?;
             report.cow_copied += cow.cow_copied;
             report.cow_taken_over += cow.cow_taken_over;
         }
         Counters::add(&self.counters.populated_bytes, report.populated);
         Ok(report)
+    }
+
+    /// `cow` (a page-granular break: see [`cow_unit`](Self::cow_unit)),
+    /// widened to the [`COW_CHUNK`](super::COW_CHUNK) around it (within
+    /// `range`) when the backend cannot trap writes to the pages there per
+    /// page (a regular file on disk under userfaultfd write protection):
+    /// such pages stay in read-only slots, and copying one page per write
+    /// exit would cost an exit per page.
+    ///
+    /// # Preconditions
+    /// - `active` is locked; pmas cover `cow`, which lies in `range`.
+    fn widen_unprotectable_cow_locked(
+        &self,
+        active: &ActiveState,
+        range: GuestRange,
+        cow: GuestRange,
+    ) -> GuestRange {
+        if !self.backend.page_granular_cow() {
+            return cow;
+        }
+        let protectable = active
+            .pmas
+            .iter_range(cow)
+            .all(|(_, p)| !p.need_cow || self.backend.page_granular_cow_for(p.file.fd()));
+        if protectable {
+            return cow;
+        }
+        let start = crate::range::align_down(cow.start(), super::COW_CHUNK);
+        Range::new_unchecked(start, start.saturating_add(super::COW_CHUNK)).intersect(range)
     }
 
     /// Resolves copy-on-write on every pma page in `range`: the sole owner

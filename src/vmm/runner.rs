@@ -68,6 +68,10 @@ pub struct RunOptions {
     /// vCPUs start (with [`fork_template`](Self::fork_template), one fork
     /// for both): every RAM page the guest writes is then copy-on-write.
     pub fork_ram: bool,
+    /// Put the template in an unlinked file under the temporary directory
+    /// instead of a memfd (userfaultfd cannot write-protect a regular
+    /// file's pages: copy-on-write there keeps read-only slots).
+    pub template_on_disk: bool,
 }
 
 impl Default for RunOptions {
@@ -86,6 +90,7 @@ impl Default for RunOptions {
             cow: VmOptions::default().cow,
             fork_template: false,
             fork_ram: false,
+            template_on_disk: false,
         }
     }
 }
@@ -366,7 +371,7 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         ..EntryArgs::default()
     };
     let template = if guest.template_size > 0 {
-        let (file, hf) = make_template(guest.template_size)?;
+        let (file, hf) = make_template(guest.template_size, opts.template_on_disk)?;
         args.template_base = layout.ram_base() + ram_size;
         args.template_size = guest.template_size;
         let map = MapOpts::object(hf.clone() as Arc<dyn Mappable>, 0, guest.template_size)
@@ -644,16 +649,32 @@ fn run_vcpus(
 }
 
 /// A private temporary file of `size` bytes filled with the COW pattern.
-fn make_template(size: u64) -> Result<(std::fs::File, Arc<HostFile>), RunError> {
-    // A memfd: shmem, so userfaultfd can write-protect its pages
-    // (CowMode::UserfaultfdWp); a file on disk would keep read-only slots.
-    // SAFETY: a NUL-terminated name and valid flags.
-    let fd = unsafe { libc::memfd_create(c"guestmm-template".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+fn make_template(size: u64, on_disk: bool) -> Result<(std::fs::File, Arc<HostFile>), RunError> {
+    let mut file = if on_disk {
+        let path = std::env::temp_dir().join(format!(
+            "guestmm-template-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        std::fs::remove_file(&path)?;
+        file
+    } else {
+        // A memfd: shmem, so userfaultfd can write-protect its pages
+        // (CowMode::UserfaultfdWp); a file on disk keeps read-only slots.
+        // SAFETY: a NUL-terminated name and valid flags.
+        let fd = unsafe { libc::memfd_create(c"guestmm-template".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+    };
     let mut buf = Vec::with_capacity(size as usize);
     for off in (0..size).step_by(8) {
         buf.extend_from_slice(&cow_pattern(off).to_le_bytes());
