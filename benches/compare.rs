@@ -6,7 +6,8 @@
 //! handlers; KVM's page-fault counts from `KVM_GET_STATS_FD`), `scatter`
 //! (pages in pseudo-random order), `sparse` (one page per 2 MiB over 1 GiB:
 //! committed memory; slots after a 1 GiB sequential touch), `startup` (VM creation to the first hypercall, 1 GiB vs
-//! 64 GiB), `clone` (fork of 1 GiB populated, COW break, takeover), `alloc`
+//! 64 GiB), `cow` (copy-on-write granularity in both copy-on-write modes:
+//! fork + sparse writes, private template restore), `clone` (fork of 1 GiB populated, COW break, takeover), `alloc`
 //! (allocator scaling with fragmentation), `mmops` (map/protect/unmap churn
 //! vs the host kernel). Every figure is printed as `bench NAME: VALUE UNIT`
 //! or `ratio NAME: VALUE`, and the table is written to
@@ -35,6 +36,8 @@ mod common;
 mod alloc;
 #[path = "compare/clone.rs"]
 mod clone;
+#[path = "compare/cow.rs"]
+mod cow;
 #[path = "compare/lazy.rs"]
 mod lazy;
 #[path = "compare/mmops.rs"]
@@ -47,7 +50,7 @@ mod touch;
 use common::Table;
 
 const SECTIONS: &[&str] = &[
-    "touch", "scatter", "sparse", "startup", "clone", "alloc", "mmops",
+    "touch", "scatter", "sparse", "startup", "cow", "clone", "alloc", "mmops",
 ];
 
 /// Repetitions per configuration.
@@ -105,6 +108,9 @@ fn main() {
         }
         if run("startup") {
             startup::run(kvm, &mut table);
+        }
+        if run("cow") {
+            cow::run(kvm, &mut table);
         }
     }
     if run("clone") {

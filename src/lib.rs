@@ -88,6 +88,32 @@
 //! copy-on-write memory copies at most the 2 MiB chunk around it
 //! ([`mm::COW_CHUNK`]), however large the window; see [`mm::fault`].
 //!
+//! ## Copy-on-write modes
+//!
+//! A [`kvm::Vm`] traps the guest's writes to copy-on-write memory in one of
+//! two ways, chosen at [`kvm::Vm::new`] ([`kvm::VmOptions::cow`],
+//! [`kvm::CowMode`]) and reported in [`kvm::VmStats::cow_mode`]:
+//!
+//! - **read-only slots** (works everywhere; what `Auto`, the default,
+//!   falls back to where userfaultfd is unavailable): copy-on-write
+//!   memory sits in read-only memslots; a write exits and the fault copies
+//!   the 2 MiB chunk around it. A locked read-modify-write whose write
+//!   hits such a page is emulated by KVM and is not atomic against other
+//!   vCPUs (README, "Atomicity").
+//! - **userfaultfd write protection** (`/dev/userfaultfd` or privileged
+//!   `userfaultfd(2)`, memfd/tmpfs pages; what `Auto` picks where it can
+//!   be opened): copy-on-write memory sits in
+//!   *writable* memslots with its host pages write-protected; a write
+//!   blocks inside KVM while the VM's fault thread copies that one 4 KiB
+//!   page ([`mm::AddressSpace::break_cow_page`]) and wakes it; the
+//!   instruction then runs natively, so locked instructions stay atomic,
+//!   a write copies its page only and copy-on-write adds no memslot. A
+//!   2 MiB chunk with [`mm::pma::COW_COLLAPSE_PAGES`] broken pages is
+//!   copied whole at the next break (bounded fragmentation). Pages of
+//!   files userfaultfd cannot protect (a regular file on disk mapped
+//!   privately) keep read-only slots and chunk-granular copies, as in the
+//!   other mode.
+//!
 //! ## Memslots
 //!
 //! Each window is installed as its own memslot while the VM holds fewer
@@ -110,7 +136,8 @@
 //!        ├─ PrivateRefs           owner counts of private pages (shared by forks)
 //!        ├─ SharedMemory.state    an object's pages and mappers (translate)
 //!        ├─ HostFile refs/mappers
-//!        ├─ SlotTable.state       memslots and the host reservation (backend calls)
+//!        ├─ SlotTable.state       memslots, the host reservation and its userfaultfd
+//!        │    │                   write protection (backend calls)
 //!        │    └─ RunGate          which vCPUs are in KVM_RUN (a leaf: slot changes
 //!        │                        close the gate with the slot table locked)
 //!        ├─ SpaceRegion.shown     the pages a region view has mapped (a leaf)
@@ -135,6 +162,18 @@
 //!   windows (their residency: `MemoryFile.inner`), releases both, and
 //!   only then fills (`MADV_POPULATE_WRITE` on the slot table's
 //!   reservation, no guestmm lock held), as the fault path's prefill does.
+//! - The copy-on-write fault thread (`kvm/cow_wp.rs`, one per VM in
+//!   userfaultfd mode) holds nothing between events; for each one it calls
+//!   `AddressSpace::break_cow_page`, which takes `mapping` (read), `active`
+//!   and, through the backend, `SlotTable.state`, like any fault, then wakes
+//!   the page. A vCPU blocked on a write-protected page sits inside
+//!   `KVM_RUN` holding KVM's SRCU read lock, which deleting a memslot
+//!   waits for; the thread that deletes one may hold `active`, which the
+//!   fault thread needs. So in this mode every slot deletion closes the run
+//!   gate first: the kick ends the blocked fault (`EINTR`), the vCPU
+//!   leaves `KVM_RUN` and retries after the change. The thread is stopped
+//!   and joined when the `Vm` drops, before the slot table and the
+//!   userfaultfd (whose close wakes anything still blocked).
 //! - `kvm::emulate` holds no lock of its own: it calls `read_with`,
 //!   `handle_fault` and `SlotTable::slot_at` one at a time, each taking and
 //!   releasing its locks in this order.

@@ -267,6 +267,7 @@ fn bad_layouts_and_arguments_are_errors() {
     let template_in_boot = EntryArgs {
         template_base: 0x1000,
         template_size: MIB,
+        ..EntryArgs::default()
     };
     assert!(matches!(
         layout.setup_vcpu(&vcpu, &kvm, 0, &template_in_boot),

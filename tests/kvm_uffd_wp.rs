@@ -776,3 +776,65 @@ fn copy_on_write_break_under_four_vcpus_doing_locked_ops_keeps_exact_sums() {
          {ROUNDS} of {ROUNDS} runs, {wakes} WP events"
     );
 }
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// guestmm's slot changes in `CowMode::UserfaultfdWp` rely on this: a
+/// signal to a vCPU thread blocked inside `KVM_RUN` on a write-protected
+/// page ends the blocked fault, and `KVM_RUN` returns `EINTR` (KVM's page
+/// faults are interruptible), so the run gate can get every vCPU out before
+/// a memslot deletion waits for KVM's SRCU readers.
+#[test]
+fn a_signal_ends_kvm_run_blocked_on_a_write_protected_page() {
+    let _g = serial();
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
+    let Some(u) = uffd_or_skip() else { return };
+    let signal = libc::SIGRTMIN() + 5;
+    // SAFETY: a handler that does nothing, for a real-time signal no one
+    // else in this test binary uses.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ignore_signal as *const () as usize;
+        assert_eq!(libc::sigaction(signal, &sa, std::ptr::null_mut()), 0);
+    }
+    let (m, mut vcpus) = Machine::new(kvm, 1);
+    u.register(m.a, RAM_SIZE, RegisterMode::WP).unwrap();
+    u.write_protect(m.a, PAGE).unwrap();
+    let mut vcpu = vcpus.remove(0);
+    m.start(&vcpu, 0, RAM_GPA, 1, 0x77);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = thread::spawn(move || {
+        // SAFETY: pthread_self has no preconditions.
+        tx.send(unsafe { libc::pthread_self() } as u64).unwrap();
+        let first = vcpu.run().map(|e| format!("{e:?}")).map_err(|e| e.errno());
+        tx.send(first.err().map_or(0, |e| e as u64)).unwrap();
+        vcpu
+    });
+    let thread = rx.recv().unwrap();
+    let ev = next_event(&u);
+    assert!(ev.is_wp(), "{ev:?}");
+    let t = Instant::now();
+    // SAFETY: the thread is alive (it has not sent its result yet).
+    assert_eq!(
+        unsafe { libc::pthread_kill(thread as libc::pthread_t, signal) },
+        0
+    );
+    let got = rx.recv_timeout(Duration::from_secs(2));
+    let took = t.elapsed();
+    // Release it whatever happened.
+    u.unprotect(m.a, PAGE, true).unwrap();
+    let got = got.unwrap_or_else(|_| rx.recv().unwrap());
+    let mut vcpu = handle.join().unwrap();
+    assert_eq!(
+        got,
+        libc::EINTR as u64,
+        "KVM_RUN blocked on a write-protected page did not end with EINTR on a signal (errno {got}, after {took:?})"
+    );
+    eprintln!("signal to a vCPU blocked on a write-protected page: EINTR after {took:?}");
+    // The write was not done; it is once the vCPU runs again.
+    assert_ne!(read(m.b), 0x77);
+    run_to_done(&mut vcpu).unwrap();
+    assert_eq!(read(m.b), 0x77);
+}

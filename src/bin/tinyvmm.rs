@@ -12,6 +12,9 @@
 //!                            new windows get their own slot below N live slots,
 //!                            at N the smallest adjacent pair merges
 //!   --eager-merge            every install merges with its neighbours (MergePolicy::Eager)
+//!   --cow MODE               copy-on-write mode (CowMode): auto (default: userfaultfd
+//!                            write protection where available), ro-slots or uffd-wp;
+//!                            guests that need one (cowsmp) choose their own
 //!   --memfile-max-mib N      guest memory cap (an even number of MiB)
 //!   --timeout-s N            stop the guest after N seconds (default 120) and
 //!                            report where each vCPU was
@@ -68,7 +71,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: tinyvmm [--ram-mib N] [--vcpus N] [--fault-around-kib N] \
-[--fault-around-max-kib N] [--eager] [--max-slots N] [--lazy-merge N|--eager-merge] [--memfile-max-mib N] \
+[--fault-around-max-kib N] [--eager] [--max-slots N] [--lazy-merge N|--eager-merge] [--cow MODE] [--memfile-max-mib N] \
 [--timeout-s N] [--image FILE [--template-kib N] [--expect-violations N] [--ends-in-violation]] \
 [--stats] [--json] [--list] [-v|-vv] [GUEST|all]...
        tinyvmm --kernel VMLINUX [--cmdline TEXT] [--initrd FILE] [--pvh] [--stop-at TEXT] \
@@ -105,6 +108,11 @@ fn parse() -> Result<Args, String> {
             "--eager" => a.opts.eager = true,
             "--max-slots" => a.opts.max_slots = Some(num(&mut it, &arg)? as usize),
             "--eager-merge" => a.opts.slot_merge = guestmm::kvm::MergePolicy::Eager,
+            "--cow" => {
+                let v = it.next().ok_or("--cow needs auto, ro-slots or uffd-wp")?;
+                a.opts.cow = guestmm::kvm::CowMode::from_name(&v)
+                    .ok_or(format!("--cow {v}: want auto, ro-slots or uffd-wp"))?;
+            }
             "--lazy-merge" => {
                 a.opts.slot_merge = guestmm::kvm::MergePolicy::Lazy {
                     max_slots: num(&mut it, &arg)? as usize,
@@ -296,7 +304,8 @@ fn json(r: &GuestReport) -> String {
     format!(
         "{{\"guest\":\"{}\",\"pass\":{},\"exit\":{},\"faults\":{},\"exits\":{},\"memory_exits\":{},\"emulation_failures\":{},\
          \"slot_adds\":{},\"slot_deletes\":{},\"max_slots\":{},\"populated_kib\":{},\"violations\":{},\
-         \"cow_copies\":{},\"ms\":{},\"kvm\":{},\"failure\":{}}}",
+         \"cow_copies\":{},\"cow_mode\":\"{}\",\"cow_wp_events\":{},\"cow_page_breaks\":{},\"cow_collapses\":{},\
+         \"ms\":{},\"kvm\":{},\"failure\":{}}}",
         r.name,
         r.passed,
         r.exit_codes.first().copied().flatten().map_or("null".into(), |c| c.to_string()),
@@ -310,6 +319,10 @@ fn json(r: &GuestReport) -> String {
         r.mm.populated_bytes / 1024,
         r.violations.len(),
         r.mm.cow_copies,
+        r.vm.cow_mode.name(),
+        r.vm.cow.events,
+        r.vm.cow.page_breaks,
+        r.vm.cow.collapses,
         r.elapsed.as_millis(),
         r.kvm.as_ref().map_or("null".into(), kvm_json),
         r.failure.as_ref().map_or("null".into(), |f| format!("{f:?}")),

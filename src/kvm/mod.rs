@@ -8,6 +8,8 @@
 //! - [`handler`]: [`ExitHandler`] and the ready loop [`Vcpu::run_with`];
 //! - [`exits`]: which exits are memory faults, violation reports;
 //! - [`vm`]: [`Vm`], tying a KVM VM to an address space;
+//! - [`cow_wp`]: [`CowMode`], and the fault thread that breaks
+//!   copy-on-write per page under userfaultfd write protection;
 //! - [`emulate`], [`operands`](self#operands), [`retry`](self#retries):
 //!   resolving emulation failures (what an instruction KVM could not
 //!   complete needs, and when to give up);
@@ -47,6 +49,7 @@
 //! entering the guest, restores the registers and re-runs the instruction
 //! natively.
 
+pub mod cow_wp;
 pub mod emulate;
 pub mod exits;
 mod gate;
@@ -62,6 +65,7 @@ pub mod vcpu;
 pub mod vm;
 pub mod walk;
 
+pub use cow_wp::{CowMode, CowStats};
 pub use exits::{
     EmulationFailure, FailedInstruction, MemOperand, MemoryExit, MemoryViolation, ViolationKind,
 };

@@ -54,6 +54,27 @@
 //! slots: if splitting would exceed the limit they remove the whole affected
 //! runs instead (the guest faults them back in), which is always safe.
 //!
+//! # Copy-on-write by userfaultfd write protection
+//!
+//! With a userfaultfd ([`SlotTable::set_userfaultfd`], the VM's
+//! [`CowMode::UserfaultfdWp`](super::CowMode)), copy-on-write installs
+//! ([`AddressSpaceBackend::install_cow`]) are *writable* extents, so they
+//! share slots with the memory around them, and their host pages are
+//! write-protected page by page: the range is mapped read-only, registered
+//! in WP mode (every `MAP_FIXED` makes a new, unregistered mapping, so each
+//! copy-on-write install registers its own range), protected, then made
+//! read-write. A guest write there blocks inside `KVM_RUN` and becomes an
+//! event for the VM's fault thread (`kvm/cow_wp.rs`). Any later install or
+//! removal over protected pages replaces their mapping (which drops the
+//! protection) and wakes the writers blocked there; `write_protect_cow`
+//! (a fork) protects writable extents again without changing a slot.
+//! Read-only protection the guest asked for stays a read-only slot.
+//!
+//! A vCPU blocked on a protected page is inside `KVM_RUN` holding KVM's
+//! SRCU read lock, which a slot deletion waits for; so in this mode every
+//! plan that deletes a slot closes the run gate first (the kick's signal
+//! ends the blocked fault with `EINTR`).
+//!
 //! Lock: `state` sits below `AddressSpace.active` (the mm core calls in with
 //! it held) and above `MemoryFile.inner`.
 
@@ -69,6 +90,7 @@ use super::sys::Reservation;
 use crate::mm::backend::{AddressSpaceBackend, BackendError, Installed};
 use crate::range::{GuestRange, Range};
 use crate::segment::{SegmentSet, SegmentValue};
+use crate::uffd::{RegisterMode, Userfaultfd};
 
 /// A KVM memory slot: its id and writability (its range is the set key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,6 +158,25 @@ pub struct SlotStats {
     pub maps: u64,
     /// Installs that found exactly that already installed.
     pub redundant_installs: u64,
+    /// Copy-on-write installs write-protected through userfaultfd.
+    pub wp_installs: u64,
+    /// Writable ranges write-protected again (forks).
+    pub wp_reprotects: u64,
+    /// `UFFDIO_WAKE`s after protected pages were replaced or removed.
+    pub wp_wakes: u64,
+}
+
+/// A write-protected range of the reservation (value of `SlotState::wp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Protected;
+
+impl SegmentValue for Protected {
+    fn merge(&self, _: Range, _: &Self, _: Range) -> Option<Self> {
+        Some(Protected)
+    }
+    fn split(&self, _: Range, _: u64) -> (Self, Self) {
+        (Protected, Protected)
+    }
 }
 
 struct SlotState {
@@ -143,6 +184,9 @@ struct SlotState {
     extents: SegmentSet<Installed>,
     /// KVM slots: the maximal same-writability runs of `extents`.
     slots: SegmentSet<Slot>,
+    /// GPA ranges whose host pages are write-protected through the
+    /// userfaultfd (registered, copy-on-write).
+    wp: SegmentSet<Protected>,
     free_ids: Vec<u32>,
     next_id: u32,
     limit: usize,
@@ -179,6 +223,8 @@ pub struct SlotTable {
     gate: Option<Arc<RunGate>>,
     /// Changes that closed the gate.
     pauses: AtomicU64,
+    /// The userfaultfd trapping writes to copy-on-write pages, if any.
+    uffd: Option<Arc<Userfaultfd>>,
 }
 
 impl std::fmt::Debug for SlotTable {
@@ -238,6 +284,7 @@ impl SlotTable {
             state: Mutex::new(SlotState {
                 extents: SegmentSet::new(),
                 slots: SegmentSet::new(),
+                wp: SegmentSet::new(),
                 free_ids: Vec::new(),
                 next_id: 0,
                 limit,
@@ -248,7 +295,66 @@ impl SlotTable {
             generation: AtomicU64::new(0),
             gate,
             pauses: AtomicU64::new(0),
+            uffd: None,
         })
+    }
+
+    /// Makes copy-on-write installs writable slots with write-protected
+    /// host pages, trapped through `uffd` (opened with
+    /// [`Features::SHMEM_WP`](crate::uffd::Features::SHMEM_WP)); see the
+    /// module docs. Whoever reads `uffd`'s events must break copy-on-write
+    /// for each page (the VM's fault thread). Call before anything is
+    /// installed.
+    pub fn set_userfaultfd(&mut self, uffd: Arc<Userfaultfd>) {
+        self.uffd = Some(uffd);
+    }
+
+    /// The guest-physical address of host address `addr` inside the
+    /// reservation, or `None` if it lies outside.
+    pub fn gpa_of_host(&self, addr: u64) -> Option<u64> {
+        let base = self.reservation.host_addr(0);
+        addr.checked_sub(base)
+            .filter(|&gpa| gpa < self.reservation.len())
+    }
+
+    /// GPA ranges whose host pages are write-protected now (copy-on-write
+    /// in [`CowMode::UserfaultfdWp`](super::CowMode)).
+    pub fn write_protected(&self) -> Vec<GuestRange> {
+        self.lock().wp.iter().map(|(r, _)| r).collect()
+    }
+
+    /// Drops the protection marks over `range` (its mapping was just
+    /// replaced or removed) and wakes the writers blocked there.
+    ///
+    /// # Preconditions
+    /// - `st` is the locked state.
+    fn unprotected_locked(&self, st: &mut SlotState, range: GuestRange) {
+        let Some(uffd) = &self.uffd else { return };
+        if st.wp.is_empty_range(range) {
+            return;
+        }
+        st.wp.remove_range(range);
+        st.stats.wp_wakes += 1;
+        if let Err(e) = uffd.wake(self.reservation.host_addr(range.start()), range.len()) {
+            log::error!("UFFDIO_WAKE {range}: {e}");
+        }
+    }
+
+    /// Registers the host pages of `range` (mapped, shared) with the
+    /// userfaultfd in WP mode and write-protects them.
+    fn protect_pages(&self, uffd: &Userfaultfd, range: GuestRange) -> Result<(), BackendError> {
+        let host = self.reservation.host_addr(range.start());
+        let err = |op: &'static str, e: crate::uffd::UffdError| BackendError::Host {
+            op,
+            source: match std::error::Error::source(&e) {
+                Some(cause) => std::io::Error::other(format!("{e}: {cause}")),
+                None => std::io::Error::other(e.to_string()),
+            },
+        };
+        uffd.register(host, range.len(), RegisterMode::WP)
+            .map_err(|e| err("UFFDIO_REGISTER", e))?;
+        uffd.write_protect(host, range.len())
+            .map_err(|e| err("UFFDIO_WRITEPROTECT", e))
     }
 
     /// A counter bumped by every change of what the guest sees (slots added
@@ -500,7 +606,9 @@ impl SlotTable {
         }
         self.bump();
         let _paused = match &self.gate {
-            Some(gate) if plan.opens_a_gap() => {
+            Some(gate)
+                if plan.opens_a_gap() || (self.uffd.is_some() && !plan.delete.is_empty()) =>
+            {
                 self.pauses.fetch_add(1, Ordering::Relaxed);
                 Some(gate.close())
             }
@@ -572,12 +680,15 @@ impl SlotTable {
         self.apply_locked(st, plan)?;
         self.bump();
         st.extents.remove_range(range);
-        self.reservation
+        let unmapped = self
+            .reservation
             .unmap(range.start(), range.len())
             .map_err(|source| BackendError::Host {
                 op: "mmap(PROT_NONE)",
                 source,
-            })
+            });
+        self.unprotected_locked(st, range);
+        unmapped
     }
 }
 
@@ -602,6 +713,7 @@ impl AddressSpaceBackend for SlotTable {
                 && e.fd == want.fd
                 && e.writable == writable
                 && offset_here == file_offset
+                && st.wp.is_empty_range(range)
             {
                 st.stats.redundant_installs += 1;
                 return Ok(());
@@ -621,7 +733,104 @@ impl AddressSpaceBackend for SlotTable {
         self.bump();
         st.extents.remove_range(range);
         st.extents.insert(range, want).expect("range just cleared");
+        // The new mapping is unprotected: wake writers blocked on the old.
+        self.unprotected_locked(&mut st, range);
         self.apply_locked(&mut st, plan)
+    }
+
+    fn install_cow(
+        &self,
+        range: GuestRange,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> Result<(), BackendError> {
+        let uffd = match &self.uffd {
+            Some(u) if shmem_backed(fd) => u.clone(),
+            // Write protection covers shmem (memfd, tmpfs) pages only:
+            // other files' copy-on-write stays a read-only slot.
+            _ => return self.install(range, fd, file_offset, false),
+        };
+        self.check_range(range)?;
+        let mut st = self.lock();
+        let want = Installed {
+            fd: fd.as_raw_fd(),
+            file_offset,
+            writable: true,
+        };
+        if let Some((r, e)) = st.extents.find_segment(range.start()) {
+            let offset_here = e.file_offset + (range.start() - r.start());
+            if r.is_superset_of(range)
+                && e.fd == want.fd
+                && e.writable
+                && offset_here == file_offset
+                && st.wp.span_range(range) == range.len()
+            {
+                st.stats.redundant_installs += 1;
+                return Ok(());
+            }
+        }
+        let plan = Self::plan_install_locked(&st, range, true);
+        if !Self::fits(&st, &plan) {
+            return Err(BackendError::OutOfSlots { limit: st.limit });
+        }
+        // Read-only until protected: a slot may already cover the range.
+        self.reservation
+            .map_fd(range.start(), range.len(), fd, file_offset, false)
+            .map_err(|source| BackendError::Host {
+                op: "mmap(MAP_FIXED)",
+                source,
+            })?;
+        st.stats.maps += 1;
+        self.bump();
+        st.extents.remove_range(range);
+        st.extents.insert(range, want).expect("range just cleared");
+        st.wp.remove_range(range);
+        let protected = self.protect_pages(&uffd, range).and_then(|()| {
+            self.reservation
+                .protect_read_write(range.start(), range.len())
+                .map_err(|source| BackendError::Host {
+                    op: "mprotect",
+                    source,
+                })
+        });
+        if let Err(e) = protected {
+            // Not protected: the guest must not see it writable.
+            let _ = self.remove_locked(&mut st, range);
+            return Err(e);
+        }
+        st.wp.insert(range, Protected).expect("range just cleared");
+        st.stats.wp_installs += 1;
+        self.apply_locked(&mut st, plan)
+    }
+
+    fn write_protect_cow(&self, range: GuestRange) -> Result<(), BackendError> {
+        let Some(uffd) = self.uffd.clone() else {
+            return self.write_protect(range);
+        };
+        self.check_range(range)?;
+        let mut st = self.lock();
+        let writable: Vec<GuestRange> = st
+            .extents
+            .iter_range(range)
+            .filter(|(_, e)| e.writable)
+            .map(|(r, _)| r.intersect(range))
+            .collect();
+        for part in writable {
+            self.bump();
+            self.protect_pages(&uffd, part)?;
+            st.wp.remove_range(part);
+            st.wp.insert(part, Protected).expect("range just cleared");
+            st.stats.wp_reprotects += 1;
+        }
+        Ok(())
+    }
+
+    fn page_granular_cow(&self) -> bool {
+        self.uffd.is_some()
+    }
+
+    fn page_granular_cow_for(&self, fd: BorrowedFd<'_>) -> bool {
+        self.uffd.is_some() && shmem_backed(fd)
     }
 
     fn remove(&self, range: GuestRange) -> Result<(), BackendError> {
@@ -666,6 +875,14 @@ impl AddressSpaceBackend for SlotTable {
                     op: "mprotect",
                     source,
                 })?;
+            // Writers blocked on protected pages retry against the
+            // read-only slot (an exit, then a violation).
+            if let Some(uffd) = &self.uffd {
+                if !st.wp.is_empty_range(part) {
+                    st.stats.wp_wakes += 1;
+                    let _ = uffd.wake(self.reservation.host_addr(part.start()), part.len());
+                }
+            }
         }
     }
 
@@ -703,6 +920,20 @@ impl Drop for SlotTable {
             }
         }
     }
+}
+
+/// Whether `fd` is a shmem (memfd, tmpfs) or hugetlbfs file, whose pages
+/// userfaultfd can write-protect.
+fn shmem_backed(fd: BorrowedFd<'_>) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // SAFETY: `statfs` is plain data, zeroed is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a borrowed, open fd and a live out-pointer.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } < 0 {
+        return false;
+    }
+    matches!(st.f_type as i64, TMPFS_MAGIC | HUGETLBFS_MAGIC)
 }
 
 /// `range` widened to the slots it overlaps.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use kvm_bindings::kvm_enable_cap;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
+use super::cow_wp::{CowMode, CowStats, FaultThread};
 use super::gate::{install_kick_handler, Closed, RunGate};
 use super::slots::{MergePolicy, SlotStats, SlotTable};
 use crate::memfile::MemoryFile;
@@ -83,6 +84,13 @@ pub enum VmError {
         /// The error.
         source: std::io::Error,
     },
+    /// [`CowMode::UserfaultfdWp`] was asked for and userfaultfd write
+    /// protection is unavailable.
+    #[error("copy-on-write mode uffd-wp unavailable: {source}")]
+    Userfaultfd {
+        /// Why.
+        source: crate::uffd::UffdError,
+    },
     /// Some vCPUs did not leave `KVM_RUN` when asked (stuck inside KVM).
     #[error("{stuck} vCPU(s) did not leave KVM_RUN when asked")]
     VcpusStuck {
@@ -110,6 +118,13 @@ pub enum StopCause {
         /// Its error.
         error: String,
     },
+    /// The copy-on-write fault thread ([`CowMode::UserfaultfdWp`]) could
+    /// not break copy-on-write for a page a vCPU writes (out of memory or
+    /// memslots): that vCPU cannot make progress.
+    CopyOnWrite {
+        /// The error.
+        error: String,
+    },
 }
 
 impl std::fmt::Display for StopCause {
@@ -117,6 +132,7 @@ impl std::fmt::Display for StopCause {
         match self {
             StopCause::Requested => f.write_str("stop requested"),
             StopCause::VcpuFailed { vcpu, error } => write!(f, "vcpu {vcpu} failed: {error}"),
+            StopCause::CopyOnWrite { error } => write!(f, "copy-on-write thread: {error}"),
         }
     }
 }
@@ -168,6 +184,9 @@ pub struct VmOptions {
     /// [`DEFAULT_FILL_MAX_BYTES`]. `None` turns it off (a VMM may call
     /// `fill_dense` itself). Default [`DEFAULT_FILL_PERIOD`] (5 ms).
     pub fill_dense: Option<Duration>,
+    /// How guest writes to copy-on-write memory are trapped (see
+    /// [`CowMode`]); the mode chosen is in [`VmStats::cow_mode`].
+    pub cow: CowMode,
 }
 
 impl Default for VmOptions {
@@ -182,6 +201,7 @@ impl Default for VmOptions {
             kick_signal: 0,
             watchdog: Some(Duration::from_secs(1)),
             fill_dense: Some(DEFAULT_FILL_PERIOD),
+            cow: CowMode::default(),
         }
     }
 }
@@ -230,6 +250,11 @@ pub struct VmStats {
     pub slot_pauses: u64,
     /// Memslot counters.
     pub slots: SlotStats,
+    /// The copy-on-write mode in use (never `Auto`).
+    pub cow_mode: CowMode,
+    /// The copy-on-write fault thread's counters (zero in
+    /// [`CowMode::ReadOnlySlots`]).
+    pub cow: CowStats,
 }
 
 /// A VM whose guest-physical memory is a guestmm address space.
@@ -250,6 +275,10 @@ pub struct Vm {
     /// Whether what host I/O populated before the first `KVM_RUN` was
     /// installed (see [`Vm::install_host_writes`]).
     host_writes_installed: AtomicBool,
+    /// The copy-on-write mode in use (resolved, never `Auto`).
+    cow_mode: CowMode,
+    /// The copy-on-write fault thread (`UserfaultfdWp` only).
+    cow_thread: Mutex<Option<FaultThread>>,
 }
 
 /// Tells the watchdog thread to end.
@@ -338,13 +367,23 @@ impl Vm {
         }
         let kvm_limit = kvm.get_nr_memslots();
         let limit = opts.max_slots.map_or(kvm_limit, |m| m.min(kvm_limit));
-        let slots = Arc::new(SlotTable::with_gate(
+        let mut table = SlotTable::with_gate(
             vm_fd.clone(),
             opts.space.size,
             limit,
             opts.slot_merge,
             gate.clone(),
-        )?);
+        )?;
+        let uffd = super::cow_wp::resolve(opts.cow)?;
+        if let Some(u) = &uffd {
+            table.set_userfaultfd(u.clone());
+        }
+        let cow_mode = if uffd.is_some() {
+            CowMode::UserfaultfdWp
+        } else {
+            CowMode::ReadOnlySlots
+        };
+        let slots = Arc::new(table);
         let space = AddressSpace::new(memfile, slots.clone(), opts.space)?;
         let watchdog = opts.watchdog.map(|_| Arc::new(WatchdogControl::default()));
         let filler = match opts.fill_dense {
@@ -367,7 +406,28 @@ impl Vm {
             watchdog: watchdog.clone(),
             filler,
             host_writes_installed: AtomicBool::new(false),
+            cow_mode,
+            cow_thread: Mutex::new(None),
         });
+        if let Some(uffd) = uffd {
+            let weak = Arc::downgrade(&vm);
+            let thread = FaultThread::spawn(
+                uffd,
+                Arc::downgrade(&vm.slots),
+                Arc::downgrade(&vm.space),
+                Box::new(move |error| {
+                    log::error!("{error}");
+                    if let Some(vm) = weak.upgrade() {
+                        vm.stop_with(StopCause::CopyOnWrite { error });
+                    }
+                }),
+            )
+            .map_err(|source| VmError::BadOption {
+                option: "cow",
+                why: format!("cannot start the copy-on-write thread: {source}"),
+            })?;
+            *vm.cow_thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
+        }
         if let (Some(period), Some(control)) = (opts.watchdog, watchdog) {
             spawn_watchdog(Arc::downgrade(&vm), period, control)?;
         }
@@ -534,12 +594,24 @@ impl Vm {
             watchdog_populated: load(&c.watchdog_populated),
             slot_pauses: self.slots.pauses(),
             slots: self.slots.stats(),
+            cow_mode: self.cow_mode,
+            cow: self
+                .cow_thread
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(FaultThread::stats)
+                .unwrap_or_default(),
         }
     }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        let thread = self.cow_thread.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut t) = thread.take() {
+            t.stop();
+        }
         if let Some(control) = &self.watchdog {
             *control.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
             control.wake.notify_all();

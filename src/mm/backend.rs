@@ -69,6 +69,48 @@ pub trait AddressSpaceBackend: Send + Sync {
     /// installed are ignored.
     fn write_protect(&self, range: GuestRange) -> Result<(), BackendError>;
 
+    /// Makes `range` show the pages of `fd` from `file_offset` as
+    /// copy-on-write memory the guest's protection lets it write: a guest
+    /// write there must reach the mm core before it lands. The default
+    /// installs read-only (a guest write exits); a backend with per-page
+    /// write protection (the KVM backend in
+    /// [`CowMode::UserfaultfdWp`](crate::kvm::CowMode)) may install it
+    /// writable and trap writes itself, and then says so with
+    /// [`page_granular_cow`](Self::page_granular_cow).
+    fn install_cow(
+        &self,
+        range: GuestRange,
+        fd: BorrowedFd<'_>,
+        file_offset: u64,
+    ) -> Result<(), BackendError> {
+        self.install(range, fd, file_offset, false)
+    }
+
+    /// Makes what is installed writable in `range` copy-on-write (a fork
+    /// made its pages shared): writes must reach the mm core again. The
+    /// default is [`write_protect`](Self::write_protect).
+    fn write_protect_cow(&self, range: GuestRange) -> Result<(), BackendError> {
+        self.write_protect(range)
+    }
+
+    /// True if this backend traps guest writes to copy-on-write memory per
+    /// page ([`install_cow`](Self::install_cow) installs writable): the
+    /// fault path then breaks copy-on-write for the faulting page only.
+    fn page_granular_cow(&self) -> bool {
+        false
+    }
+
+    /// Whether [`install_cow`](Self::install_cow) of pages of `fd` traps
+    /// writes per page. Where it does not (a backend that is
+    /// [`page_granular_cow`](Self::page_granular_cow) but cannot protect
+    /// this file's pages), a write fault breaks copy-on-write in the whole
+    /// chunk again, as without per-page trapping. The default is
+    /// `page_granular_cow()`.
+    fn page_granular_cow_for(&self, fd: BorrowedFd<'_>) -> bool {
+        let _ = fd;
+        self.page_granular_cow()
+    }
+
     /// Fills the host page tables behind `range`, which was installed
     /// `writable` (or read-only) just before, so the guest's first accesses
     /// there find present pages instead of taking a host page fault each.

@@ -411,8 +411,7 @@ impl AddressSpace {
         let mut active = self.lock_active();
         let mut chosen = active.fault_around.choose(gpa, bounds);
         Counters::add(&self.counters.windows, 1);
-        let chunk = align_down(gpa, COW_CHUNK);
-        let chunk = Range::new_unchecked(chunk, chunk.saturating_add(COW_CHUNK));
+        let chunk = self.cow_unit(gpa);
         let report = match self.ensure_pmas_cow_in_locked(
             &mut active,
             vr,

@@ -69,7 +69,7 @@ impl AddressSpace {
             child_mapping.vmas.merge_all();
         }
         for r in write_protect {
-            self.backend.write_protect(r)?;
+            self.backend.write_protect_cow(r)?;
         }
         log::debug!("space {}: forked into {}", self.id, child.id);
         Ok(child)

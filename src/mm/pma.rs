@@ -174,6 +174,26 @@ pub struct PopulateReport {
     pub cow_taken_over: u64,
 }
 
+/// Pages of a [`COW_CHUNK`](super::COW_CHUNK) broken one at a time after
+/// which [`AddressSpace::break_cow_page`] breaks the rest of the chunk at
+/// once (64 pages: an eighth of the chunk, and at most 64 extra host
+/// mappings per chunk).
+pub const COW_COLLAPSE_PAGES: u64 = 64;
+
+/// What [`AddressSpace::break_cow_page`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PageBreak {
+    /// The range broken and installed writable: the page, the whole
+    /// (clipped) chunk after a collapse, or empty if nothing was populated.
+    pub broken: GuestRange,
+    /// Bytes copied.
+    pub cow_copied: u64,
+    /// Bytes taken over without copying (sole owner).
+    pub cow_taken_over: u64,
+    /// Whether the chunk was collapsed (see [`COW_COLLAPSE_PAGES`]).
+    pub collapsed: bool,
+}
+
 impl AddressSpace {
     /// Creates pmas for every unpopulated page of `range` and, for a write,
     /// breaks copy-on-write there.
@@ -280,12 +300,42 @@ impl AddressSpace {
             report.populated += hole.len();
         }
         if access == Access::Write && !cow.is_empty() {
+            let cow = self.widen_unprotectable_cow_locked(active, range, cow);
             let cow = self.break_cow_locked(active, cow)?;
             report.cow_copied += cow.cow_copied;
             report.cow_taken_over += cow.cow_taken_over;
         }
         Counters::add(&self.counters.populated_bytes, report.populated);
         Ok(report)
+    }
+
+    /// `cow` (a page-granular break: see [`cow_unit`](Self::cow_unit)),
+    /// widened to the [`COW_CHUNK`](super::COW_CHUNK) around it (within
+    /// `range`) when the backend cannot trap writes to the pages there per
+    /// page (a regular file on disk under userfaultfd write protection):
+    /// such pages stay in read-only slots, and copying one page per write
+    /// exit would cost an exit per page.
+    ///
+    /// # Preconditions
+    /// - `active` is locked; pmas cover `cow`, which lies in `range`.
+    fn widen_unprotectable_cow_locked(
+        &self,
+        active: &ActiveState,
+        range: GuestRange,
+        cow: GuestRange,
+    ) -> GuestRange {
+        if !self.backend.page_granular_cow() {
+            return cow;
+        }
+        let protectable = active
+            .pmas
+            .iter_range(cow)
+            .all(|(_, p)| !p.need_cow || self.backend.page_granular_cow_for(p.file.fd()));
+        if protectable {
+            return cow;
+        }
+        let start = crate::range::align_down(cow.start(), super::COW_CHUNK);
+        Range::new_unchecked(start, start.saturating_add(super::COW_CHUNK)).intersect(range)
     }
 
     /// Resolves copy-on-write on every pma page in `range`: the sole owner
@@ -370,6 +420,95 @@ impl AddressSpace {
         Ok(report)
     }
 
+    /// The range one write fault breaks copy-on-write in around `gpa`:
+    /// the [`COW_CHUNK`](super::COW_CHUNK) around it, or only its page
+    /// when the backend traps writes per page
+    /// ([`page_granular_cow`](super::AddressSpaceBackend::page_granular_cow)).
+    pub(crate) fn cow_unit(&self, gpa: u64) -> GuestRange {
+        let unit = if self.backend.page_granular_cow() {
+            crate::PAGE_SIZE
+        } else {
+            super::COW_CHUNK
+        };
+        let start = crate::range::align_down(gpa, unit);
+        Range::new_unchecked(start, start.saturating_add(unit))
+    }
+
+    /// Breaks copy-on-write for the one page holding `gpa` (a trapped
+    /// guest write: see [`CowMode`](crate::kvm::CowMode)) and installs it
+    /// writable, with the same pma code, locks and counters as a write
+    /// fault. When the [`COW_CHUNK`](super::COW_CHUNK) around the page then
+    /// holds at least [`COW_COLLAPSE_PAGES`] pages no longer copy-on-write
+    /// while some still are, the rest of the chunk (within the vma and
+    /// its protection region) is broken too, in the same call: page-granular
+    /// breaks fragment pmas and host mappings (one mapping per broken page,
+    /// under `vm.max_map_count`), and a chunk the guest writes densely is
+    /// cheaper copied whole (Linux khugepaged's idea, done eagerly).
+    ///
+    /// A page that is no longer copy-on-write (a host write or another
+    /// event broke it first) is installed again, which is harmless; a page
+    /// with nothing populated is left alone (`broken` is empty).
+    ///
+    /// Errors: [`MmError::Fault`] with [`FaultError::Unmapped`](super::FaultError::Unmapped)
+    /// or [`FaultError::Permission`](super::FaultError::Permission) (the
+    /// protection no longer allows writes); allocation, copy and backend
+    /// errors as for a fault.
+    pub fn break_cow_page(&self, gpa: u64) -> Result<PageBreak, MmError> {
+        use super::FaultError;
+        let page = crate::range::page_round_down(gpa);
+        let page_range = Range::new_unchecked(page, page + crate::PAGE_SIZE);
+        let mapping = self.read_mapping();
+        let Some((vr, vma)) = mapping.vmas.find_segment(page) else {
+            return Err(FaultError::Unmapped {
+                gpa,
+                access: Access::Write,
+            }
+            .into());
+        };
+        let region = vma.protection.flags_at(vr, page);
+        if !region.perms.write || !region.perms.read {
+            return Err(FaultError::Permission {
+                gpa,
+                access: Access::Write,
+                allowed: region.perms,
+            }
+            .into());
+        }
+        let mut active = self.lock_active();
+        let mut out = PageBreak {
+            broken: Range::new_unchecked(page, page),
+            ..PageBreak::default()
+        };
+        if active.pmas.find_segment(page).is_none() {
+            return Ok(out);
+        }
+        let report = self.break_cow_locked(&mut active, page_range)?;
+        out.cow_copied += report.cow_copied;
+        out.cow_taken_over += report.cow_taken_over;
+        out.broken = page_range;
+        let chunk = crate::range::align_down(page, super::COW_CHUNK);
+        let chunk = Range::new_unchecked(chunk, chunk.saturating_add(super::COW_CHUNK))
+            .intersect(region.range.intersect(vr));
+        let (mut done, mut left) = (0, 0);
+        for (pr, pma) in active.pmas.iter_range(chunk) {
+            let len = pr.intersect(chunk).len();
+            if pma.need_cow {
+                left += len;
+            } else {
+                done += len;
+            }
+        }
+        if left > 0 && done >= COW_COLLAPSE_PAGES * crate::PAGE_SIZE {
+            let report = self.break_cow_locked(&mut active, chunk)?;
+            out.cow_copied += report.cow_copied;
+            out.cow_taken_over += report.cow_taken_over;
+            out.broken = chunk;
+            out.collapsed = true;
+        }
+        self.install_locked(&active, vr, vma, out.broken)?;
+        Ok(out)
+    }
+
     /// Makes what pmas hold in `range` visible to the guest with the
     /// writability each protection region allows; regions without read stay
     /// invisible.
@@ -391,12 +530,21 @@ impl AddressSpace {
             for (pr, pma) in active.pmas.iter_range(region.range) {
                 let part = pr.intersect(region.range);
                 let fr = pma.file_range(pr, part);
-                let installed = self.backend.install(
-                    part,
-                    pma.file.fd(),
-                    fr.start(),
-                    pma.writable_under(region.perms),
-                );
+                // Copy-on-write the guest may write (the copy will be
+                // writable whatever the object allows): the backend
+                // decides how writes are trapped (read-only slot, or per
+                // page).
+                let cow_writable = pma.need_cow && region.perms.write;
+                let installed = if cow_writable {
+                    self.backend.install_cow(part, pma.file.fd(), fr.start())
+                } else {
+                    self.backend.install(
+                        part,
+                        pma.file.fd(),
+                        fr.start(),
+                        pma.writable_under(region.perms),
+                    )
+                };
                 if let Err(e) = installed {
                     // What the backend still shows in `range` may be pages
                     // the pmas no longer hold (a copy-on-write just broke):

@@ -45,6 +45,7 @@
 //! | `r8`  | template base GPA, 0 if none |
 //! | `r9`  | template size in bytes, 0 if none |
 //! | `r10` | [`HOLE_GPA`] |
+//! | `r11` | flags: bit 0 set if the VM traps copy-on-write writes per page (`CowMode::UserfaultfdWp`) |
 //! | `rsp` | top of this vCPU's stack minus 8 (as just after a `call`) |
 //!
 //! There is no IDT: any exception is a triple fault (`KVM_EXIT_SHUTDOWN`).
@@ -246,6 +247,10 @@ pub struct EntryArgs {
     pub template_base: u64,
     /// Size of the template mapping in bytes (`r9`), 0 if none.
     pub template_size: u64,
+    /// The VM breaks copy-on-write per page through userfaultfd write
+    /// protection (bit 0 of `r11`): locked instructions on copy-on-write
+    /// pages are atomic.
+    pub cow_wp: bool,
 }
 
 /// A validated guest-physical layout: boot region, RAM and vCPU count.
@@ -430,6 +435,7 @@ impl BootLayout {
             r8: args.template_base,
             r9: args.template_size,
             r10: HOLE_GPA,
+            r11: u64::from(args.cow_wp),
             ..Default::default()
         };
         vcpu.set_regs(&regs).map_err(kvm_err("set_regs"))?;

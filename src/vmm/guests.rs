@@ -5,6 +5,8 @@
 //! the top of its source file). Entry registers and hypercalls: see
 //! [`super::boot`] and [`super::hypercall`].
 
+use crate::kvm::CowMode;
+
 /// One test guest and what running it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Guest {
@@ -28,6 +30,9 @@ pub struct Guest {
     pub expected_console: &'static str,
     /// Exit code meaning "this host cannot run the test" (e.g. no AVX), if any.
     pub unsupported_exit: Option<u32>,
+    /// The copy-on-write mode the guest needs, `None` for the run's
+    /// ([`RunOptions::cow`](super::runner::RunOptions::cow)).
+    pub cow: Option<CowMode>,
     /// One line on what it exercises.
     pub description: &'static str,
 }
@@ -51,6 +56,7 @@ const fn guest(name: &'static str, image: &'static [u8], description: &'static s
         ends_in_violation: false,
         expected_console: "",
         unsupported_exit: None,
+        cow: None,
         description,
     }
 }
@@ -270,6 +276,19 @@ pub const GUESTS: &[Guest] = &[
             "adv_cowsmp",
             image!("adv_cowsmp"),
             "adversarial: vCPUs lock inc on private COW template pages; prints the lost updates",
+        )
+    },
+    Guest {
+        vcpus: 4,
+        min_ram: 16 * MIB,
+        template_size: 64 * 1024,
+        unsupported_exit: Some(100),
+        cow: Some(CowMode::Auto),
+        expected_console: "lost 0\n",
+        ..guest(
+            "cowsmp",
+            image!("cowsmp"),
+            "4 vCPUs: lock xadd, lock cmpxchg, xchg spinlock on fresh COW template pages; exact sums (uffd-wp mode)",
         )
     },
     Guest {

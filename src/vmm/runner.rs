@@ -17,8 +17,8 @@ use super::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
 use super::guests::{cow_pattern, Guest};
 use super::hypercall::{self, Hypercall};
 use crate::kvm::{
-    Action, EmulationFailure, ExitHandler, KvmStats, KvmStatsReader, MemoryViolation, MergePolicy,
-    Vcpu, VcpuStop, Vm, VmOptions, VmStats,
+    Action, CowMode, EmulationFailure, ExitHandler, KvmStats, KvmStatsReader, MemoryViolation,
+    MergePolicy, Vcpu, VcpuStop, Vm, VmOptions, VmStats,
 };
 use crate::memfile::{MemoryFile, MemoryFileOptions};
 use crate::mm::{
@@ -56,6 +56,22 @@ pub struct RunOptions {
     /// often while the guest runs, as a balloon or a memory-pressure
     /// policy would. Only for guests that do not rely on RAM contents.
     pub decommit_every: Option<Duration>,
+    /// The copy-on-write mode, for guests that do not ask for one
+    /// ([`Guest::cow`](super::guests::Guest::cow)).
+    pub cow: CowMode,
+    /// Populate the template for write and fork the address space before
+    /// the vCPUs start (the child, over a no-op backend, lives until they
+    /// end): the guest's template pages are then copy-on-write after a
+    /// fork, shared with the child, instead of fresh object pages.
+    pub fork_template: bool,
+    /// Populate all of RAM for write and fork the address space before the
+    /// vCPUs start (with [`fork_template`](Self::fork_template), one fork
+    /// for both): every RAM page the guest writes is then copy-on-write.
+    pub fork_ram: bool,
+    /// Put the template in an unlinked file under the temporary directory
+    /// instead of a memfd (userfaultfd cannot write-protect a regular
+    /// file's pages: copy-on-write there keeps read-only slots).
+    pub template_on_disk: bool,
 }
 
 impl Default for RunOptions {
@@ -71,6 +87,10 @@ impl Default for RunOptions {
             memfile_max: None,
             slot_merge: MergePolicy::default(),
             decommit_every: None,
+            cow: VmOptions::default().cow,
+            fork_template: false,
+            fork_ram: false,
+            template_on_disk: false,
         }
     }
 }
@@ -321,6 +341,7 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
             space: space_opts,
             max_slots: opts.max_slots,
             slot_merge: opts.slot_merge,
+            cow: guest.cow.unwrap_or(opts.cow),
             ..VmOptions::default()
         },
     )?;
@@ -345,9 +366,12 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
     }
     space.map(ram)?;
 
-    let mut args = EntryArgs::default();
+    let mut args = EntryArgs {
+        cow_wp: vm.stats().cow_mode == CowMode::UserfaultfdWp,
+        ..EntryArgs::default()
+    };
     let template = if guest.template_size > 0 {
-        let (file, hf) = make_template(guest.template_size)?;
+        let (file, hf) = make_template(guest.template_size, opts.template_on_disk)?;
         args.template_base = layout.ram_base() + ram_size;
         args.template_size = guest.template_size;
         let map = MapOpts::object(hf.clone() as Arc<dyn Mappable>, 0, guest.template_size)
@@ -356,6 +380,18 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
             .name("template");
         space.map(map)?;
         Some((file, hf))
+    } else {
+        None
+    };
+    let fork_template = opts.fork_template && template.is_some();
+    let forked = if fork_template || opts.fork_ram {
+        if fork_template {
+            space.populate(args.template_base, args.template_size, crate::Access::Write)?;
+        }
+        if opts.fork_ram {
+            space.populate(layout.ram_base(), ram_size, crate::Access::Write)?;
+        }
+        Some(space.fork(Arc::new(crate::mm::NoopBackend))?)
     } else {
         None
     };
@@ -387,6 +423,7 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         opts.timeout,
     );
     let elapsed = start.elapsed();
+    drop(forked);
     let host_decommits = interference.map_or(Ok(0), Decommitter::finish);
     let mut timeout_failures = Vec::new();
     if !stuck.is_empty() {
@@ -612,20 +649,32 @@ fn run_vcpus(
 }
 
 /// A private temporary file of `size` bytes filled with the COW pattern.
-fn make_template(size: u64) -> Result<(std::fs::File, Arc<HostFile>), RunError> {
-    let dir = std::env::temp_dir();
-    let path = dir.join(format!(
-        "guestmm-template-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
-    std::fs::remove_file(&path)?;
+fn make_template(size: u64, on_disk: bool) -> Result<(std::fs::File, Arc<HostFile>), RunError> {
+    let mut file = if on_disk {
+        let path = std::env::temp_dir().join(format!(
+            "guestmm-template-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        std::fs::remove_file(&path)?;
+        file
+    } else {
+        // A memfd: shmem, so userfaultfd can write-protect its pages
+        // (CowMode::UserfaultfdWp); a file on disk keeps read-only slots.
+        // SAFETY: a NUL-terminated name and valid flags.
+        let fd = unsafe { libc::memfd_create(c"guestmm-template".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+    };
     let mut buf = Vec::with_capacity(size as usize);
     for off in (0..size).step_by(8) {
         buf.extend_from_slice(&cow_pattern(off).to_le_bytes());
