@@ -85,6 +85,30 @@ impl AnonRam {
         }
     }
 
+    /// Maps `len` bytes of `file` `MAP_PRIVATE`: the host kernel's own
+    /// copy-on-write (a write copies the page into anonymous memory).
+    pub fn private_file(file: &std::fs::File, len: u64) -> AnonRam {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(len).expect("fits the host");
+        // SAFETY: a fresh private mapping of a file we hold, no address
+        // hint; no existing memory is affected.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(raw, libc::MAP_FAILED, "mmap of the template failed");
+        AnonRam {
+            ptr: raw.cast(),
+            len,
+        }
+    }
+
     fn madvise(&self, advice: i32, what: &str) {
         // SAFETY: advice on exactly our own mapping.
         let r = unsafe { libc::madvise(self.ptr.cast(), self.len, advice) };
@@ -123,6 +147,7 @@ pub struct AnonVm {
     uffd: Option<UffdHandler>,
     _boot: HostMem,
     _ram: AnonRam,
+    _template: Option<AnonRam>,
     created: Instant,
     prefill: Option<Duration>,
 }
@@ -161,6 +186,19 @@ impl AnonVm {
         ram_size: u64,
         mode: RamMode,
     ) -> Result<AnonVm, String> {
+        Self::with_template(kvm, guest, ram_size, mode, None)
+    }
+
+    /// As [`AnonVm::with_mode`], plus `template` (a file and its size)
+    /// mapped `MAP_PRIVATE` as one more slot right after RAM and passed in
+    /// `r8`/`r9`, as guestmm's runner passes its template.
+    pub fn with_template(
+        kvm: &Kvm,
+        guest: &Guest,
+        ram_size: u64,
+        mode: RamMode,
+        template: Option<(&std::fs::File, u64)>,
+    ) -> Result<AnonVm, String> {
         let created = Instant::now();
         let layout = BootLayout::new(DEFAULT_RAM_BASE, ram_size, 1).expect("layout");
         let vm = kvm.create_vm().expect("create_vm");
@@ -186,10 +224,17 @@ impl AnonVm {
             }
         }
         ram.register(&vm, 1, layout.ram_base());
+        let mut args = EntryArgs::default();
+        let template = template.map(|(file, size)| {
+            // Where guestmm's runner maps it: right after RAM.
+            args.template_base = layout.ram_base() + ram_size;
+            args.template_size = size;
+            let t = AnonRam::private_file(file, size);
+            t.register(&vm, 2, args.template_base);
+            t
+        });
         let vcpu = vm.create_vcpu(0).expect("create_vcpu");
-        layout
-            .setup_vcpu(&vcpu, kvm, 0, &EntryArgs::default())
-            .expect("setup_vcpu");
+        layout.setup_vcpu(&vcpu, kvm, 0, &args).expect("setup_vcpu");
         let stats = KvmStatsReader::open(&vm, &[&vcpu]).ok();
         Ok(AnonVm {
             vcpu,
@@ -198,6 +243,7 @@ impl AnonVm {
             uffd,
             _boot: boot,
             _ram: ram,
+            _template: template,
             created,
             prefill,
         })
