@@ -109,7 +109,9 @@
 //!   instruction then runs natively, so locked instructions stay atomic,
 //!   a write copies its page only and copy-on-write adds no memslot. A
 //!   2 MiB chunk with [`mm::pma::COW_COLLAPSE_PAGES`] broken pages is
-//!   copied whole at the next break (bounded fragmentation). Pages of
+//!   copied whole at the next break (bounded fragmentation), and so is one
+//!   written in order ([`mm::pma::COW_COLLAPSE_RUN_PAGES`] broken pages
+//!   right below the faulting one: a sequential writer). Pages of
 //!   files userfaultfd cannot protect (a regular file on disk mapped
 //!   privately) keep read-only slots and chunk-granular copies, as in the
 //!   other mode.

@@ -9,7 +9,7 @@ use common::setup;
 use std::sync::Arc;
 
 use guestmm::memfile::MemoryFile;
-use guestmm::mm::pma::COW_COLLAPSE_PAGES;
+use guestmm::mm::pma::{COW_COLLAPSE_PAGES, COW_COLLAPSE_RUN_PAGES};
 use guestmm::mm::{
     check_file_refs, AddressSpace, FaultError, MapOpts, MmError, RecordingBackend, COW_CHUNK,
 };
@@ -130,6 +130,45 @@ fn a_chunk_collapses_after_the_threshold() {
     // Contents survived every step.
     let mut buf = vec![0; PAGE_SIZE as usize];
     for p in [0, 1, 2, 100, pages - 1, pages] {
+        child.read(BASE + p * PAGE_SIZE, &mut buf).unwrap();
+        assert_eq!(buf, fill(p, 0), "page {p}");
+    }
+    drop(parent);
+    drop(child);
+    assert_eq!(mf.allocated_bytes(), 0);
+}
+
+#[test]
+fn a_sequential_writer_collapses_its_chunk_early() {
+    let (mf, parent, _be, child) = forked();
+    let run = COW_COLLAPSE_RUN_PAGES;
+    let pages = COW_CHUNK / PAGE_SIZE;
+    // A run of `run` pages from the chunk's start, written in order: the
+    // break that sees `run` broken pages right below it collapses.
+    for k in 0..=run {
+        let b = child.break_cow_page(BASE + k * PAGE_SIZE).unwrap();
+        check(&mf, &[&parent, &child]);
+        if k < run {
+            assert!(!b.collapsed, "break {k}");
+            assert_eq!(b.cow_copied, PAGE_SIZE, "break {k}");
+        } else {
+            assert!(b.collapsed, "break {k} follows a run of {run}");
+            assert_eq!(b.broken.len(), COW_CHUNK);
+            assert_eq!(b.cow_copied, (pages - run) * PAGE_SIZE);
+        }
+    }
+    // A run with a gap below the page does not count.
+    let next = BASE + COW_CHUNK;
+    for k in (0..run).chain([run + 1]) {
+        let b = child.break_cow_page(next + k * PAGE_SIZE).unwrap();
+        assert!(
+            !b.collapsed,
+            "page {k}: the run ends at page {run}, not here"
+        );
+    }
+    check(&mf, &[&parent, &child]);
+    let mut buf = vec![0; PAGE_SIZE as usize];
+    for p in [0, run, pages - 1, pages + run + 1] {
         child.read(BASE + p * PAGE_SIZE, &mut buf).unwrap();
         assert_eq!(buf, fill(p, 0), "page {p}");
     }

@@ -180,6 +180,17 @@ pub struct PopulateReport {
 /// mappings per chunk).
 pub const COW_COLLAPSE_PAGES: u64 = 64;
 
+/// A run of this many broken pages ending right below the page being
+/// broken is a sequential writer: [`AddressSpace::break_cow_page`] breaks
+/// the rest of the chunk at once (it would write it all, one fault-thread
+/// round trip per page, otherwise). The price: a writer that writes 4
+/// adjacent pages in order and stops gets its 2 MiB chunk copied, as
+/// the read-only slot mode always does. Measured with the `cow` bench
+/// (half of a 256 MiB template written in order): the write pass ÷ the
+/// host kernel's own `MAP_PRIVATE` copy-on-write is 1.93 with the 64-page
+/// rule alone, 1.13 with runs of 8, 0.97 with runs of 4.
+pub const COW_COLLAPSE_RUN_PAGES: u64 = 4;
+
 /// What [`AddressSpace::break_cow_page`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PageBreak {
@@ -498,7 +509,28 @@ impl AddressSpace {
                 done += len;
             }
         }
-        if left > 0 && done >= COW_COLLAPSE_PAGES * crate::PAGE_SIZE {
+        // Broken bytes contiguous with, and ending right below, `page`.
+        let mut run = 0;
+        let mut run_end = chunk.start();
+        if page > chunk.start() {
+            for (pr, pma) in active
+                .pmas
+                .iter_range(Range::new_unchecked(chunk.start(), page))
+            {
+                let part = pr.intersect(Range::new_unchecked(chunk.start(), page));
+                run = match (pma.need_cow, part.start() == run_end) {
+                    (true, _) => 0,
+                    (false, true) => run + part.len(),
+                    (false, false) => part.len(),
+                };
+                run_end = part.end();
+            }
+        }
+        if run_end != page {
+            run = 0;
+        }
+        let sequential = run >= COW_COLLAPSE_RUN_PAGES * crate::PAGE_SIZE;
+        if left > 0 && (sequential || done >= COW_COLLAPSE_PAGES * crate::PAGE_SIZE) {
             let report = self.break_cow_locked(&mut active, chunk)?;
             out.cow_copied += report.cow_copied;
             out.cow_taken_over += report.cow_taken_over;
