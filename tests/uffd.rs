@@ -255,12 +255,14 @@ fn an_unpopulated_shmem_page_is_protected_too() {
 }
 
 #[test]
-fn dropping_the_userfaultfd_wakes_writers_and_leaks_no_fd_or_thread() {
+fn dropping_the_userfaultfd_wakes_writers_and_leaks_no_fd() {
     let _g = serial();
     let Some(probe) = uffd_or_skip() else { return };
     drop(probe);
+    // (Threads: the wrapper starts none, and every writer is joined below.
+    // The process's task count is not compared: the test harness starts
+    // threads for other tests meanwhile.)
     let fds = count_dir("/proc/self/fd");
-    let tasks = count_dir("/proc/self/task");
     let t = Twice::new(8);
     for _ in 0..3 {
         let u = Userfaultfd::open_shmem_wp().unwrap();
@@ -280,7 +282,6 @@ fn dropping_the_userfaultfd_wakes_writers_and_leaks_no_fd_or_thread() {
     }
     drop(t);
     assert_eq!(count_dir("/proc/self/fd"), fds, "descriptors leaked");
-    assert_eq!(count_dir("/proc/self/task"), tasks, "threads leaked");
 }
 
 #[test]
