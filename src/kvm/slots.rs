@@ -594,6 +594,38 @@ impl SlotTable {
         st.slots.len() - plan.delete.len() + plan.add.len() <= st.limit
     }
 
+    /// Maps `want`'s pages (`fd` at `want.file_offset`) over `range` in
+    /// the reservation, host-writable or not, and records them.
+    ///
+    /// # Preconditions
+    /// - `st` is the locked state.
+    fn map_locked(
+        &self,
+        st: &mut SlotState,
+        range: GuestRange,
+        fd: BorrowedFd<'_>,
+        want: Installed,
+        host_writable: bool,
+    ) -> Result<(), BackendError> {
+        self.reservation
+            .map_fd(
+                range.start(),
+                range.len(),
+                fd,
+                want.file_offset,
+                host_writable,
+            )
+            .map_err(|source| BackendError::Host {
+                op: "mmap(MAP_FIXED)",
+                source,
+            })?;
+        st.stats.maps += 1;
+        self.bump();
+        st.extents.remove_range(range);
+        st.extents.insert(range, want).expect("range just cleared");
+        Ok(())
+    }
+
     /// Applies the slot changes of `plan`: deletes first (KVM refuses
     /// overlapping slots), then adds; with the vCPUs paused if that would
     /// leave installed memory without a slot in between.
@@ -707,32 +739,15 @@ impl AddressSpaceBackend for SlotTable {
             file_offset,
             writable,
         };
-        if let Some((r, e)) = st.extents.find_segment(range.start()) {
-            let offset_here = e.file_offset + (range.start() - r.start());
-            if r.is_superset_of(range)
-                && e.fd == want.fd
-                && e.writable == writable
-                && offset_here == file_offset
-                && st.wp.is_empty_range(range)
-            {
-                st.stats.redundant_installs += 1;
-                return Ok(());
-            }
+        if shows_locked(&st, range, &want, false) {
+            st.stats.redundant_installs += 1;
+            return Ok(());
         }
         let plan = Self::plan_install_locked(&st, range, writable);
         if !Self::fits(&st, &plan) {
             return Err(BackendError::OutOfSlots { limit: st.limit });
         }
-        self.reservation
-            .map_fd(range.start(), range.len(), fd, file_offset, writable)
-            .map_err(|source| BackendError::Host {
-                op: "mmap(MAP_FIXED)",
-                source,
-            })?;
-        st.stats.maps += 1;
-        self.bump();
-        st.extents.remove_range(range);
-        st.extents.insert(range, want).expect("range just cleared");
+        self.map_locked(&mut st, range, fd, want, writable)?;
         // The new mapping is unprotected: wake writers blocked on the old.
         self.unprotected_locked(&mut st, range);
         self.apply_locked(&mut st, plan)
@@ -757,33 +772,16 @@ impl AddressSpaceBackend for SlotTable {
             file_offset,
             writable: true,
         };
-        if let Some((r, e)) = st.extents.find_segment(range.start()) {
-            let offset_here = e.file_offset + (range.start() - r.start());
-            if r.is_superset_of(range)
-                && e.fd == want.fd
-                && e.writable
-                && offset_here == file_offset
-                && st.wp.span_range(range) == range.len()
-            {
-                st.stats.redundant_installs += 1;
-                return Ok(());
-            }
+        if shows_locked(&st, range, &want, true) {
+            st.stats.redundant_installs += 1;
+            return Ok(());
         }
         let plan = Self::plan_install_locked(&st, range, true);
         if !Self::fits(&st, &plan) {
             return Err(BackendError::OutOfSlots { limit: st.limit });
         }
         // Read-only until protected: a slot may already cover the range.
-        self.reservation
-            .map_fd(range.start(), range.len(), fd, file_offset, false)
-            .map_err(|source| BackendError::Host {
-                op: "mmap(MAP_FIXED)",
-                source,
-            })?;
-        st.stats.maps += 1;
-        self.bump();
-        st.extents.remove_range(range);
-        st.extents.insert(range, want).expect("range just cleared");
+        self.map_locked(&mut st, range, fd, want, false)?;
         st.wp.remove_range(range);
         let protected = self.protect_pages(&uffd, range).and_then(|()| {
             self.reservation
@@ -934,6 +932,24 @@ fn shmem_backed(fd: BorrowedFd<'_>) -> bool {
         return false;
     }
     matches!(st.f_type as i64, TMPFS_MAGIC | HUGETLBFS_MAGIC)
+}
+
+/// True if `range` already shows exactly `want` (file, offset,
+/// writability), write-protected all over (`protected`) or nowhere.
+fn shows_locked(st: &SlotState, range: GuestRange, want: &Installed, protected: bool) -> bool {
+    st.extents
+        .find_segment(range.start())
+        .is_some_and(|(r, e)| {
+            r.is_superset_of(range)
+                && e.fd == want.fd
+                && e.writable == want.writable
+                && e.file_offset + (range.start() - r.start()) == want.file_offset
+                && if protected {
+                    st.wp.span_range(range) == range.len()
+                } else {
+                    st.wp.is_empty_range(range)
+                }
+        })
 }
 
 /// `range` widened to the slots it overlaps.
