@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::guest_vm::{boot_vm, GuestVm};
+
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -47,44 +49,11 @@ fn vm_with(
     ram: u64,
     memfile_max: Option<u64>,
 ) -> (Arc<Vm>, Vec<Vcpu>) {
-    let mut mf_opts = MemoryFileOptions::default();
+    let mut opts = GuestVm::default();
     if let Some(max) = memfile_max {
-        mf_opts.max_size = max;
+        opts.memfile.max_size = max;
     }
-    let memfile = Arc::new(MemoryFile::new("vcpu-control", mf_opts).unwrap());
-    let vm = Vm::new(kvm, memfile, VmOptions::default()).unwrap();
-    let layout = BootLayout::new(DEFAULT_RAM_BASE, ram, vcpus).unwrap();
-    let space = vm.space();
-    space
-        .map(
-            MapOpts::anonymous(BOOT_SIZE)
-                .fixed(0)
-                .perms(Perms::ALL)
-                .precommit()
-                .name("boot"),
-        )
-        .unwrap();
-    for (gpa, bytes) in layout.boot_image(code).unwrap() {
-        space.write_with(gpa, &bytes, IoOpts::FORCE).unwrap();
-    }
-    space
-        .map(
-            MapOpts::anonymous(ram)
-                .fixed(DEFAULT_RAM_BASE)
-                .perms(Perms::ALL)
-                .name("ram"),
-        )
-        .unwrap();
-    let list = (0..vcpus)
-        .map(|i| {
-            let v = vm.create_vcpu(i).unwrap();
-            layout
-                .setup_vcpu(v.fd(), kvm, i, &EntryArgs::default())
-                .unwrap();
-            v
-        })
-        .collect();
-    (vm, list)
+    boot_vm(kvm, code, vcpus, ram, opts)
 }
 
 fn counter(vm: &Vm, index: u64) -> u64 {

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+#[cfg(feature = "vmm")]
+pub mod guest_vm;
 pub mod host_mem;
 pub mod rng;
 
