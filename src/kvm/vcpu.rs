@@ -155,6 +155,8 @@ impl Vm {
     pub fn create_vcpu(self: &Arc<Self>, index: u32) -> Result<Vcpu, VmError> {
         let mut fd = self.create_vcpu_fd(u64::from(index))?;
         let gate_id = self.gate.register(fd.get_kvm_run());
+        self.live_vcpus
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(Vcpu {
             vm: self.clone(),
             fd,
@@ -169,6 +171,9 @@ impl Vm {
 impl Drop for Vcpu {
     fn drop(&mut self) {
         self.vm.gate.unregister(self.gate_id);
+        self.vm
+            .live_vcpus
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

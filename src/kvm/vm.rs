@@ -3,7 +3,7 @@
 //! `kvm/gate.rs`): pause, stop, the watchdog, and the filler thread
 //! ([`VmOptions::fill_dense`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -261,6 +261,8 @@ pub struct VmStats {
 ///
 /// Several vCPUs may run on their own threads against one `Arc<Vm>`.
 pub struct Vm {
+    /// The options the VM was created with (a clone inherits them).
+    opts: VmOptions,
     vm_fd: Arc<VmFd>,
     slots: Arc<SlotTable>,
     space: Arc<AddressSpace>,
@@ -279,6 +281,8 @@ pub struct Vm {
     cow_mode: CowMode,
     /// The copy-on-write fault thread (`UserfaultfdWp` only).
     cow_thread: Mutex<Option<FaultThread>>,
+    /// vCPUs created and not dropped.
+    pub(crate) live_vcpus: AtomicU32,
 }
 
 /// Tells the watchdog thread to end.
@@ -325,6 +329,19 @@ impl Vm {
     /// signal beyond `SIGRTMAX`), KVM refusing the VM, or the address space
     /// options (see [`AddressSpace::new`]).
     pub fn new(kvm: &Kvm, memfile: Arc<MemoryFile>, opts: VmOptions) -> Result<Arc<Vm>, VmError> {
+        let space_opts = opts.space.clone();
+        Self::build(kvm, opts, move |slots| {
+            AddressSpace::new(memfile, slots, space_opts)
+        })
+    }
+
+    /// Creates a VM whose address space `make_space` builds over the VM's
+    /// slot table (a new empty space, or a fork of another VM's).
+    pub(crate) fn build(
+        kvm: &Kvm,
+        opts: VmOptions,
+        make_space: impl FnOnce(Arc<SlotTable>) -> Result<Arc<AddressSpace>, MmError>,
+    ) -> Result<Arc<Vm>, VmError> {
         if opts.max_slots == Some(0) {
             return Err(VmError::BadOption {
                 option: "max_slots",
@@ -384,7 +401,7 @@ impl Vm {
             CowMode::ReadOnlySlots
         };
         let slots = Arc::new(table);
-        let space = AddressSpace::new(memfile, slots.clone(), opts.space)?;
+        let space = make_space(slots.clone())?;
         let watchdog = opts.watchdog.map(|_| Arc::new(WatchdogControl::default()));
         let filler = match opts.fill_dense {
             Some(period) => {
@@ -395,6 +412,7 @@ impl Vm {
             None => None,
         };
         let vm = Arc::new(Vm {
+            opts: opts.clone(),
             vm_fd,
             slots,
             space,
@@ -408,6 +426,7 @@ impl Vm {
             host_writes_installed: AtomicBool::new(false),
             cow_mode,
             cow_thread: Mutex::new(None),
+            live_vcpus: AtomicU32::new(0),
         });
         if let Some(uffd) = uffd {
             let weak = Arc::downgrade(&vm);
@@ -515,6 +534,24 @@ impl Vm {
     /// The guest-physical address space.
     pub fn space(&self) -> &Arc<AddressSpace> {
         &self.space
+    }
+
+    /// vCPUs created ([`Vm::create_vcpu`]) and not yet dropped.
+    pub fn vcpu_count(&self) -> u32 {
+        self.live_vcpus.load(Ordering::Acquire)
+    }
+
+    /// The options the VM was created with.
+    pub fn options(&self) -> &VmOptions {
+        &self.opts
+    }
+
+    /// The device ranges ([`add_device_range`](Self::add_device_range)).
+    pub fn device_ranges(&self) -> Vec<GuestRange> {
+        self.devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The memslot table.

@@ -451,6 +451,7 @@ impl AddressSpace {
             self.fill_signal.bump();
         }
         let prefilled = self.prefill(&fill);
+        self.recorder.push(window, access);
         log::trace!(
             "space {}: {access} fault at {gpa:#x} -> {window} {report:?} prefilled {prefilled:#x}",
             self.id

@@ -37,6 +37,7 @@ pub mod io;
 pub mod mappable;
 pub mod pma;
 pub mod protect;
+pub mod record;
 pub mod regions;
 mod shared;
 pub mod vma;
@@ -283,6 +284,8 @@ pub struct AddressSpace {
     counters: Counters,
     /// Wakes a `fill_dense` caller when a window is recorded. A leaf lock.
     fill_signal: fill::FillSignal,
+    /// The fault recording ([`start_fault_record`](Self::start_fault_record)). A leaf lock.
+    recorder: record::FaultRecorder,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -357,6 +360,7 @@ impl AddressSpace {
             private_refs,
             counters: Counters::default(),
             fill_signal: Default::default(),
+            recorder: Default::default(),
         })
     }
 

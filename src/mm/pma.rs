@@ -538,6 +538,7 @@ impl AddressSpace {
             out.collapsed = true;
         }
         self.install_locked(&active, vr, vma, out.broken)?;
+        self.recorder.push(out.broken, Access::Write);
         Ok(out)
     }
 

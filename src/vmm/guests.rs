@@ -310,6 +310,14 @@ pub const GUESTS: &[Guest] = &[
             "adversarial: xsave/xrstor areas whose AVX state lies in the next fresh window",
         )
     },
+    Guest {
+        min_ram: 4 * MIB,
+        ..guest(
+            "lifecycle",
+            image!("lifecycle"),
+            "builds state (pattern over half of RAM, registers, a counter), MARK 10 = snapshot/clone point, then verifies it and reads/writes the working set",
+        )
+    },
 ];
 
 /// The guest called `name`, if there is one.

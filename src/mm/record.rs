@@ -1,0 +1,131 @@
+//! Recording the windows guest faults install, in order: the working set a
+//! restored VM touches first, which later restores of the same snapshot
+//! prefetch ([`AddressSpace::prefetch`]) instead of faulting in.
+
+use std::sync::Mutex;
+
+use super::{AddressSpace, MmError};
+use crate::perms::Access;
+use crate::range::GuestRange;
+
+/// Windows a recording keeps at most (a guest faulting more than this is
+/// not replaying a working set; the record stops growing, logged once).
+pub const FAULT_RECORD_MAX: usize = 1 << 20;
+
+/// The fault recording of an address space (a leaf lock: held only to
+/// push or take).
+#[derive(Debug, Default)]
+pub(crate) struct FaultRecorder {
+    windows: Mutex<Option<Vec<(GuestRange, Access)>>>,
+}
+
+impl FaultRecorder {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<(GuestRange, Access)>>> {
+        self.windows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `window`, installed for `access`, if recording.
+    pub(crate) fn push(&self, window: GuestRange, access: Access) {
+        let mut w = self.lock();
+        if let Some(list) = w.as_mut() {
+            if list.len() < FAULT_RECORD_MAX {
+                list.push((window, access));
+            } else if list.len() == FAULT_RECORD_MAX {
+                log::warn!(
+                    "fault record full ({FAULT_RECORD_MAX} windows): later faults are not recorded"
+                );
+                list.push((window, access));
+            }
+        }
+    }
+}
+
+impl AddressSpace {
+    /// Starts recording the window each resolved guest fault installs (and
+    /// each page a copy-on-write break gives the guest), with the access
+    /// that faulted, in order. Restarting drops what was recorded.
+    pub fn start_fault_record(&self) {
+        *self.recorder.lock() = Some(Vec::new());
+    }
+
+    /// Stops recording and returns the windows recorded since
+    /// [`start_fault_record`](Self::start_fault_record) (empty if it was
+    /// not recording).
+    pub fn take_fault_record(&self) -> Vec<(GuestRange, Access)> {
+        let mut list = self.recorder.lock().take().unwrap_or_default();
+        list.truncate(FAULT_RECORD_MAX);
+        list
+    }
+
+    /// Whether faults are being recorded.
+    pub fn is_recording_faults(&self) -> bool {
+        self.recorder.lock().is_some()
+    }
+
+    /// Populates and installs each of `windows` for its access, then fills
+    /// its host page tables (the backend's prefill), so the guest touches
+    /// them without a fault or a host page fault: the replay of a recorded
+    /// working set. Adjacent windows of one access are merged into one
+    /// batch first. Returns the bytes prefetched.
+    ///
+    /// Errors: as [`populate`](Self::populate) for the first window that
+    /// fails (a window unmapped or protected since it was recorded); the
+    /// windows before it stay prefetched.
+    pub fn prefetch(&self, windows: &[(GuestRange, Access)]) -> Result<u64, MmError> {
+        let mut bytes = 0;
+        for (range, access) in coalesce(windows) {
+            self.populate(range.start(), range.len(), access)?;
+            let writable = access == Access::Write;
+            if let Err(e) = self.backend.prefill(range, writable) {
+                log::debug!("space {}: prefetch fill {range}: {e}", self.id);
+            }
+            bytes += range.len();
+        }
+        Ok(bytes)
+    }
+}
+
+/// `windows` sorted by address, overlaps and adjacent runs of one access
+/// merged; a write wins over a read where windows of both overlap (the
+/// read part before and after is kept as reads).
+pub fn coalesce(windows: &[(GuestRange, Access)]) -> Vec<(GuestRange, Access)> {
+    use crate::segment::{SegmentSet, SegmentValue};
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    struct Kind(bool);
+    impl SegmentValue for Kind {
+        fn merge(
+            &self,
+            _: crate::range::Range,
+            other: &Self,
+            _: crate::range::Range,
+        ) -> Option<Self> {
+            (self == other).then_some(*self)
+        }
+        fn split(&self, _: crate::range::Range, _: u64) -> (Self, Self) {
+            (*self, *self)
+        }
+    }
+    let mut set: SegmentSet<Kind> = SegmentSet::new();
+    // Reads first, then writes over them.
+    for want_write in [false, true] {
+        for &(r, access) in windows {
+            let write = access == Access::Write;
+            if write != want_write || r.is_empty() {
+                continue;
+            }
+            if write {
+                set.remove_range(r);
+                let _ = set.insert(r, Kind(true));
+            } else {
+                let gaps: Vec<GuestRange> = set.gaps(r).collect();
+                for g in gaps {
+                    let _ = set.insert(g, Kind(false));
+                }
+            }
+        }
+    }
+    set.merge_all();
+    set.iter()
+        .map(|(r, k)| (r, if k.0 { Access::Write } else { Access::Read }))
+        .collect()
+}
