@@ -16,7 +16,9 @@
 //! - [`native`](self#native-re-execution): instructions KVM's emulator gets
 //!   wrong, re-run natively;
 //! - [`walk`]: a software x86-64 page-table walker;
-//! - [`kvm_stats`]: KVM's own counters ([`KvmStats`], `KVM_GET_STATS_FD`).
+//! - [`kvm_stats`]: KVM's own counters ([`KvmStats`], `KVM_GET_STATS_FD`);
+//! - [`vcpu_state`]: [`VcpuState`] and [`VmState`], what KVM holds for a
+//!   vCPU and a VM, saved and restored for snapshots and clones.
 //!
 //! # The run gate
 //!
@@ -62,6 +64,7 @@ mod retry;
 pub mod slots;
 mod sys;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 pub mod walk;
 
@@ -76,4 +79,5 @@ pub use kvm_stats::{
 };
 pub use slots::{MergePolicy, SlotStats, SlotTable, DEFAULT_SLOT_BUDGET};
 pub use vcpu::{Exit, Vcpu, VcpuKicker};
+pub use vcpu_state::{StateError, VcpuState, VmState};
 pub use vm::{open_kvm, Paused, StopCause, Vm, VmError, VmOptions, VmStats};

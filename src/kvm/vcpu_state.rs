@@ -1,0 +1,674 @@
+//! vCPU and VM state for snapshots and clones: everything KVM holds for a
+//! vCPU ([`VcpuState`]) and for a VM ([`VmState`]) that a restored or
+//! cloned copy needs, and a small versioned byte format for both.
+//!
+//! ```text
+//! save_state:    complete a pending I/O/MMIO exit (KVM_RUN, immediate_exit)
+//!                CPUID, MP state, regs, sregs, XSAVE, XCRs, debug regs,
+//!                LAPIC (in-kernel irqchip only), MSRs, vCPU events, TSC kHz
+//! restore_state: TSC kHz (if it differs), then the same, in Firecracker's
+//!                order: CPUID, MP state, regs, sregs, XSAVE, XCRs, debug
+//!                regs, LAPIC, MSRs, vCPU events
+//! ```
+//!
+//! Guest memory is not part of either: the VMM copies or shares it. Nor is
+//! device state: an in-kernel irqchip's IOAPIC/PIC and a PIT belong to the
+//! VMM that created them (`KVM_GET_IRQCHIP`, `KVM_GET_PIT2`), as do its own
+//! devices.
+//!
+//! # Fresh vCPUs
+//!
+//! [`Vcpu::restore_state`] is meant for a vCPU that has not run yet: KVM
+//! refuses `KVM_SET_CPUID2` after the first `KVM_RUN` unless the CPUID is
+//! identical to the one set before (Linux ≥ 5.19; older kernels refuse it
+//! outright). Restoring a different CPUID onto a vCPU that ran is
+//! [`StateError::CpuidRejected`]; restoring an identical one works.
+
+mod codec;
+
+use std::fmt;
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave,
+    KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Cap, VcpuFd, VmFd};
+
+use self::codec::{malformed, Reader, Section, Writer};
+use super::Vcpu;
+
+/// Why a state could not be saved, restored or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// An ioctl failed.
+    #[error("{op} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        op: &'static str,
+        /// Its error.
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_SET_CPUID2` refused the CPUID: the vCPU has already run with a
+    /// different one (restore onto a fresh vCPU; see the module docs).
+    #[error(
+        "KVM_SET_CPUID2 refused the saved CPUID (the vCPU has run with a different one?): {source}"
+    )]
+    CpuidRejected {
+        /// KVM's error (`EINVAL`).
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_SET_MSRS` stopped before the end of the list.
+    #[error("KVM_SET_MSRS set {set} of {total} MSRs; it refused MSR {index:#x}")]
+    MsrsRejected {
+        /// How many it set.
+        set: usize,
+        /// How many there were.
+        total: usize,
+        /// The MSR it refused.
+        index: u32,
+    },
+    /// The saved XSAVE area is larger than this host's (`KVM_CAP_XSAVE2`).
+    #[error("the saved XSAVE area is {saved} bytes, this host's is {host}")]
+    XsaveTooLarge {
+        /// The saved area's size.
+        saved: usize,
+        /// This host's.
+        host: usize,
+    },
+    /// A `KVM_RUN` that completes a pending I/O or MMIO exit before saving
+    /// exited again (a string I/O or a multi-part MMIO instruction stopped
+    /// in the middle): run the vCPU to its next exit, answer it, save then.
+    #[error("completing the pending exit ended in another exit (reason {reason}); answer it and save again")]
+    Unfinished {
+        /// The new exit's `kvm_run.exit_reason`.
+        reason: u32,
+    },
+    /// The bytes end early.
+    #[error("{what} is truncated: {need} more bytes needed, {have} left")]
+    Truncated {
+        /// What was being read.
+        what: &'static str,
+        /// Bytes needed.
+        need: usize,
+        /// Bytes left.
+        have: usize,
+    },
+    /// The bytes are not this kind of state.
+    #[error("bad magic {found:02x?}, want {want:02x?}")]
+    BadMagic {
+        /// The first 8 bytes.
+        found: [u8; 8],
+        /// What they should be.
+        want: [u8; 8],
+    },
+    /// A format version this code does not read.
+    #[error("format version {found}, this code reads version {supported}")]
+    BadVersion {
+        /// The version found.
+        found: u16,
+        /// The version this code reads.
+        supported: u16,
+    },
+    /// The checksum does not match: the bytes were corrupted.
+    #[error("checksum mismatch: stored {stored:#018x}, computed {computed:#018x}")]
+    BadChecksum {
+        /// The stored checksum.
+        stored: u64,
+        /// The checksum of the bytes.
+        computed: u64,
+    },
+    /// The bytes parse but do not describe a valid state.
+    #[error("malformed state: {why}")]
+    Malformed {
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// `Result` of this module.
+pub type Result<T, E = StateError> = std::result::Result<T, E>;
+
+fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
+    move |source| StateError::Kvm { op, source }
+}
+
+/// The MSRs saved, in restore order (`IA32_TSC` before the MSRs whose
+/// meaning depends on it). KVM reads those it knows; the rest are left
+/// out of the state (see [`VcpuState::msrs`]). From Firecracker's and
+/// Cloud Hypervisor's lists; `EFER` and `APIC_BASE` are in sregs.
+pub const SAVED_MSRS: &[u32] = &[
+    0x0000_0010, // IA32_TSC
+    0x0000_003b, // IA32_TSC_ADJUST
+    0x0000_0174, // IA32_SYSENTER_CS
+    0x0000_0175, // IA32_SYSENTER_ESP
+    0x0000_0176, // IA32_SYSENTER_EIP
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+    0xc000_0103, // TSC_AUX
+    0x0000_0277, // IA32_PAT
+    0x0000_01a0, // IA32_MISC_ENABLE
+    0x0000_0048, // IA32_SPEC_CTRL
+    0x0000_0da0, // IA32_XSS
+    0x0000_02ff, // MTRR_DEF_TYPE
+    0x0000_0250, // MTRR_FIX64K_00000
+    0x0000_0258, // MTRR_FIX16K_80000
+    0x0000_0259, // MTRR_FIX16K_A0000
+    0x0000_0268, // MTRR_FIX4K_C0000 .. F8000
+    0x0000_0269,
+    0x0000_026a,
+    0x0000_026b,
+    0x0000_026c,
+    0x0000_026d,
+    0x0000_026e,
+    0x0000_026f,
+    0x0000_0200, // MTRR_PHYSBASE0 / PHYSMASK0 .. 7
+    0x0000_0201,
+    0x0000_0202,
+    0x0000_0203,
+    0x0000_0204,
+    0x0000_0205,
+    0x0000_0206,
+    0x0000_0207,
+    0x0000_0208,
+    0x0000_0209,
+    0x0000_020a,
+    0x0000_020b,
+    0x0000_020c,
+    0x0000_020d,
+    0x0000_020e,
+    0x0000_020f,
+    0x0000_0011, // KVM_WALL_CLOCK
+    0x0000_0012, // KVM_SYSTEM_TIME
+    0x4b56_4d00, // KVM_WALL_CLOCK_NEW
+    0x4b56_4d01, // KVM_SYSTEM_TIME_NEW
+    0x4b56_4d02, // KVM_ASYNC_PF_EN
+    0x4b56_4d03, // KVM_STEAL_TIME
+    0x4b56_4d04, // KVM_PV_EOI_EN
+    0x4b56_4d05, // KVM_POLL_CONTROL
+    0x4b56_4d06, // KVM_ASYNC_PF_INT
+    0x0000_06e0, // IA32_TSC_DEADLINE (in-kernel LAPIC only; after IA32_TSC)
+];
+
+/// XSAVE areas larger than this are refused as malformed (AMX needs ~11 KiB).
+const MAX_XSAVE_WORDS: usize = 64 << 10;
+/// The legacy `kvm_xsave` size.
+const XSAVE_LEGACY: usize = std::mem::size_of::<kvm_xsave>();
+
+/// Everything KVM holds for one vCPU that a restored or cloned vCPU needs
+/// (see the [module docs](self)).
+#[derive(Clone, PartialEq)]
+pub struct VcpuState {
+    cpuid: Vec<kvm_cpuid_entry2>,
+    mp_state: kvm_mp_state,
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    /// `KVM_GET_XSAVE(2)`'s area as 32-bit words (≥ 4 KiB).
+    xsave: Vec<u32>,
+    xcrs: kvm_xcrs,
+    debugregs: kvm_debugregs,
+    lapic: Option<kvm_lapic_state>,
+    msrs: Vec<kvm_msr_entry>,
+    events: kvm_vcpu_events,
+    tsc_khz: Option<u32>,
+}
+
+impl fmt::Debug for VcpuState {
+    /// The registers in full, the bulky parts by size.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VcpuState")
+            .field("regs", &self.regs)
+            .field("sregs", &self.sregs)
+            .field("mp_state", &self.mp_state.mp_state)
+            .field("cpuid_entries", &self.cpuid.len())
+            .field("xsave_bytes", &(self.xsave.len() * 4))
+            .field(
+                "xcrs",
+                &&self.xcrs.xcrs[..(self.xcrs.nr_xcrs as usize).min(16)],
+            )
+            .field("lapic", &self.lapic.is_some())
+            .field("msrs", &self.msrs)
+            .field("events", &self.events)
+            .field("tsc_khz", &self.tsc_khz)
+            .finish_non_exhaustive()
+    }
+}
+
+const VCPU_MAGIC: &[u8; 8] = b"GMMVCPU\0";
+const VM_MAGIC: &[u8; 8] = b"GMMVMST\0";
+
+/// Section tags of a [`VcpuState`].
+mod tag {
+    pub const CPUID: u32 = 1;
+    pub const MP_STATE: u32 = 2;
+    pub const REGS: u32 = 3;
+    pub const SREGS: u32 = 4;
+    pub const XSAVE: u32 = 5;
+    pub const XCRS: u32 = 6;
+    pub const DEBUGREGS: u32 = 7;
+    pub const LAPIC: u32 = 8;
+    pub const MSRS: u32 = 9;
+    pub const EVENTS: u32 = 10;
+    pub const TSC_KHZ: u32 = 11;
+    pub const CLOCK: u32 = 100;
+}
+
+impl VcpuState {
+    /// The general-purpose registers, `rip` and `rflags`.
+    pub fn regs(&self) -> &kvm_regs {
+        &self.regs
+    }
+
+    /// The special registers (segments, control registers, EFER).
+    pub fn sregs(&self) -> &kvm_sregs {
+        &self.sregs
+    }
+
+    /// The CPUID entries the vCPU had.
+    pub fn cpuid(&self) -> &[kvm_cpuid_entry2] {
+        &self.cpuid
+    }
+
+    /// The XSAVE area (x87, SSE, AVX, AVX-512 … state) as KVM returns it,
+    /// in 32-bit words: the legacy region is the first 1024.
+    pub fn xsave_words(&self) -> &[u32] {
+        &self.xsave
+    }
+
+    /// The MSRs saved: those of [`SAVED_MSRS`] KVM could read.
+    pub fn msrs(&self) -> &[kvm_msr_entry] {
+        &self.msrs
+    }
+
+    /// Whether the LAPIC was saved (the VM has an in-kernel irqchip).
+    pub fn has_lapic(&self) -> bool {
+        self.lapic.is_some()
+    }
+
+    /// The state as bytes (format version [`FORMAT_VERSION`]).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = Writer::new(VCPU_MAGIC);
+        w.section(tag::CPUID, |w| codec::put_cpuid(w, &self.cpuid));
+        w.section(tag::MP_STATE, |w| w.u32(self.mp_state.mp_state));
+        w.section(tag::REGS, |w| codec::put_regs(w, &self.regs));
+        w.section(tag::SREGS, |w| codec::put_sregs(w, &self.sregs));
+        w.section(tag::XSAVE, |w| codec::put_words(w, &self.xsave));
+        w.section(tag::XCRS, |w| codec::put_xcrs(w, &self.xcrs));
+        w.section(tag::DEBUGREGS, |w| codec::put_debugregs(w, &self.debugregs));
+        if let Some(l) = &self.lapic {
+            w.section(tag::LAPIC, |w| codec::put_lapic(w, l));
+        }
+        w.section(tag::MSRS, |w| codec::put_msrs(w, &self.msrs));
+        w.section(tag::EVENTS, |w| codec::put_events(w, &self.events));
+        if let Some(khz) = self.tsc_khz {
+            w.section(tag::TSC_KHZ, |w| w.u32(khz));
+        }
+        w.finish()
+    }
+
+    /// Decodes [`to_bytes`](Self::to_bytes)' output. Truncated, corrupted
+    /// or foreign bytes are an error, never a panic.
+    pub fn from_bytes(bytes: &[u8]) -> Result<VcpuState> {
+        let sections = codec::sections(bytes, VCPU_MAGIC, "vCPU state")?;
+        for s in &sections {
+            if !(tag::CPUID..=tag::TSC_KHZ).contains(&s.tag) {
+                return Err(malformed(format!("vCPU state: unknown section {}", s.tag)));
+            }
+        }
+        let cpuid = parse(&sections, tag::CPUID, "cpuid", codec::get_cpuid)?;
+        let mp_state = parse(&sections, tag::MP_STATE, "mp state", |r| {
+            Ok(kvm_mp_state { mp_state: r.u32()? })
+        })?;
+        let regs = parse(&sections, tag::REGS, "regs", codec::get_regs)?;
+        let sregs = parse(&sections, tag::SREGS, "sregs", codec::get_sregs)?;
+        let xsave = parse(&sections, tag::XSAVE, "xsave", |r| {
+            codec::get_words(r, MAX_XSAVE_WORDS)
+        })?;
+        if xsave.len() < XSAVE_LEGACY / 4 {
+            return Err(malformed(format!(
+                "xsave: {} bytes, less than the legacy {XSAVE_LEGACY}",
+                xsave.len() * 4
+            )));
+        }
+        let xcrs = parse(&sections, tag::XCRS, "xcrs", codec::get_xcrs)?;
+        let debugregs = parse(&sections, tag::DEBUGREGS, "debugregs", codec::get_debugregs)?;
+        let lapic = parse_opt(&sections, tag::LAPIC, "lapic", codec::get_lapic)?;
+        let msrs = parse(&sections, tag::MSRS, "msrs", |r| {
+            codec::get_msrs(r, SAVED_MSRS.len())
+        })?;
+        let events = parse(&sections, tag::EVENTS, "vcpu events", codec::get_events)?;
+        let tsc_khz = parse_opt(&sections, tag::TSC_KHZ, "tsc khz", |r| r.u32())?;
+        Ok(VcpuState {
+            cpuid,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            msrs,
+            events,
+            tsc_khz,
+        })
+    }
+}
+
+/// The format version [`VcpuState::to_bytes`] and [`VmState::to_bytes`]
+/// write (and the only one their `from_bytes` read).
+pub const FORMAT_VERSION: u16 = codec::VERSION;
+
+/// Decodes the section `tag`, which must exist and be used up.
+fn parse<T>(
+    sections: &[Section<'_>],
+    tag: u32,
+    what: &'static str,
+    f: impl FnOnce(&mut Reader<'_>) -> Result<T>,
+) -> Result<T> {
+    parse_opt(sections, tag, what, f)?.ok_or_else(|| malformed(format!("no {what} section")))
+}
+
+/// Decodes the section `tag` if it exists.
+fn parse_opt<T>(
+    sections: &[Section<'_>],
+    tag: u32,
+    what: &'static str,
+    f: impl FnOnce(&mut Reader<'_>) -> Result<T>,
+) -> Result<Option<T>> {
+    let Some(s) = sections.iter().find(|s| s.tag == tag) else {
+        return Ok(None);
+    };
+    let mut r = s.reader(what);
+    let v = f(&mut r)?;
+    r.done()?;
+    Ok(Some(v))
+}
+
+/// Exits KVM completes only on the next `KVM_RUN` (KVM API docs, `kvm_run`).
+const NEEDS_COMPLETION: &[u32] = &[
+    kvm_bindings::KVM_EXIT_IO,
+    kvm_bindings::KVM_EXIT_MMIO,
+    kvm_bindings::KVM_EXIT_X86_RDMSR,
+    kvm_bindings::KVM_EXIT_X86_WRMSR,
+    kvm_bindings::KVM_EXIT_XEN,
+];
+
+/// `KVM_RUN`'s request number (kvm-ioctls does not export it).
+mod ioctl {
+    vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+}
+
+impl Vcpu {
+    /// Saves the vCPU's state. If its last exit was an I/O or MMIO exit
+    /// (or another KVM completes on the next run), a `KVM_RUN` with
+    /// `immediate_exit` completes it first (the guest does not run), so
+    /// the state is past the instruction.
+    ///
+    /// Preconditions: the vCPU is not inside `KVM_RUN` (it is `&mut`); a
+    /// pending `IoIn`/`MmioRead` has its data filled in. Other vCPUs of
+    /// the VM should be stopped or paused for a consistent snapshot.
+    pub fn save_state(&mut self) -> Result<VcpuState> {
+        self.complete_pending_exit()?;
+        let fd = self.fd();
+        let cpuid = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let mp_state = fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?;
+        let regs = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+        let xsave = get_xsave(fd, xsave_size(self.vm().vm_fd()))?;
+        let xcrs = fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?;
+        let debugregs = fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?;
+        // Without an in-kernel irqchip there is no LAPIC: EINVAL (older
+        // kernels: ENXIO).
+        let lapic = match fd.get_lapic() {
+            Ok(l) => Some(l),
+            Err(e) if matches!(e.errno(), libc::EINVAL | libc::ENXIO) => None,
+            Err(e) => return Err(kvm("KVM_GET_LAPIC")(e)),
+        };
+        let msrs = get_msrs(fd)?;
+        let events = fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
+        let tsc_khz = fd.get_tsc_khz().ok();
+        Ok(VcpuState {
+            cpuid,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            msrs,
+            events,
+            tsc_khz,
+        })
+    }
+
+    /// Restores `state` (see the [module docs](self) for the order). For a
+    /// fresh vCPU (one that has not run): on one that ran, a CPUID other
+    /// than its own is [`StateError::CpuidRejected`]. A failure part-way
+    /// leaves the vCPU partly restored: discard it.
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
+        let fd = self.fd();
+        if let Some(khz) = state.tsc_khz {
+            // Only when it differs: setting needs KVM_CAP_TSC_CONTROL.
+            if fd.get_tsc_khz().ok() != Some(khz) {
+                fd.set_tsc_khz(khz).map_err(kvm("KVM_SET_TSC_KHZ"))?;
+            }
+        }
+        let cpuid =
+            CpuId::from_entries(&state.cpuid).map_err(|e| malformed(format!("cpuid: {e:?}")))?;
+        fd.set_cpuid2(&cpuid).map_err(|source| {
+            if source.errno() == libc::EINVAL {
+                StateError::CpuidRejected { source }
+            } else {
+                kvm("KVM_SET_CPUID2")(source)
+            }
+        })?;
+        fd.set_mp_state(state.mp_state)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
+        fd.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        set_xsave(fd, xsave_size(self.vm().vm_fd()), &state.xsave)?;
+        fd.set_xcrs(&state.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&state.debugregs)
+            .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        if let Some(l) = &state.lapic {
+            fd.set_lapic(l).map_err(kvm("KVM_SET_LAPIC"))?;
+        }
+        let msrs =
+            Msrs::from_entries(&state.msrs).map_err(|e| malformed(format!("msrs: {e:?}")))?;
+        let set = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        if set != state.msrs.len() {
+            return Err(StateError::MsrsRejected {
+                set,
+                total: state.msrs.len(),
+                index: state.msrs[set].index,
+            });
+        }
+        fd.set_vcpu_events(&state.events)
+            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+
+    /// Completes an exit KVM finishes only on the next `KVM_RUN` (the
+    /// registers of an `in` are written then, `rip` moves past an `out`):
+    /// one `KVM_RUN` with `immediate_exit` set, which returns `EINTR`
+    /// without entering the guest. Nothing to do on a fresh vCPU, so that
+    /// saving it does not count as a run.
+    fn complete_pending_exit(&mut self) -> Result<()> {
+        let run = self.kvm_run();
+        if !NEEDS_COMPLETION.contains(&run.exit_reason) {
+            return Ok(());
+        }
+        run.immediate_exit = 1;
+        // SAFETY: KVM_RUN takes no argument; what it writes is this vCPU's
+        // `kvm_run` mapping, which `&mut self` holds exclusively (no
+        // reference into it is alive).
+        let ret = unsafe { vmm_sys_util::ioctl::ioctl(self.fd(), ioctl::KVM_RUN()) };
+        let err = (ret != 0).then(vmm_sys_util::errno::Error::last);
+        let run = self.kvm_run();
+        run.immediate_exit = 0;
+        match err {
+            Some(e) if e.errno() == libc::EINTR => Ok(()),
+            Some(e) => Err(kvm("KVM_RUN (immediate exit)")(e)),
+            None => Err(StateError::Unfinished {
+                reason: run.exit_reason,
+            }),
+        }
+    }
+}
+
+/// The XSAVE area size KVM uses on this VM (`KVM_CAP_XSAVE2`, at least
+/// the legacy 4 KiB).
+fn xsave_size(vm: &VmFd) -> usize {
+    usize::try_from(vm.check_extension_int(Cap::Xsave2))
+        .unwrap_or(0)
+        .max(XSAVE_LEGACY)
+}
+
+/// A FAM-extended `kvm_xsave2` of `size` bytes.
+fn xsave2_of(size: usize) -> Result<Xsave> {
+    Xsave::new((size - XSAVE_LEGACY).div_ceil(4))
+        .map_err(|e| malformed(format!("xsave area of {size} bytes: {e:?}")))
+}
+
+fn get_xsave(fd: &VcpuFd, size: usize) -> Result<Vec<u32>> {
+    if size <= XSAVE_LEGACY {
+        return Ok(fd
+            .get_xsave()
+            .map_err(kvm("KVM_GET_XSAVE"))?
+            .region
+            .to_vec());
+    }
+    let mut x = xsave2_of(size)?;
+    // SAFETY: `x` holds `size` bytes, KVM_CAP_XSAVE2's size for this VM,
+    // which is what KVM_GET_XSAVE2 writes.
+    unsafe { fd.get_xsave2(&mut x) }.map_err(kvm("KVM_GET_XSAVE2"))?;
+    let mut words = x.as_fam_struct_ref().xsave.region.to_vec();
+    words.extend_from_slice(x.as_slice());
+    Ok(words)
+}
+
+fn set_xsave(fd: &VcpuFd, size: usize, words: &[u32]) -> Result<()> {
+    if words.len() * 4 > size {
+        return Err(StateError::XsaveTooLarge {
+            saved: words.len() * 4,
+            host: size,
+        });
+    }
+    let (legacy, extra) = words.split_at(words.len().min(XSAVE_LEGACY / 4));
+    if size <= XSAVE_LEGACY {
+        let mut x = kvm_xsave::default();
+        x.region[..legacy.len()].copy_from_slice(legacy);
+        // SAFETY: KVM reads KVM_CAP_XSAVE2's size for this VM, which is
+        // the legacy size here: all of `x`.
+        return unsafe { fd.set_xsave(&x) }.map_err(kvm("KVM_SET_XSAVE"));
+    }
+    let mut x = xsave2_of(size)?;
+    // SAFETY: writing plain integers into the area `x` owns.
+    unsafe { x.as_mut_fam_struct() }.xsave.region[..legacy.len()].copy_from_slice(legacy);
+    x.as_mut_slice()[..extra.len()].copy_from_slice(extra);
+    // SAFETY: `x` holds `size` bytes, KVM_CAP_XSAVE2's size for this VM,
+    // which is what KVM_SET_XSAVE reads.
+    unsafe { fd.set_xsave2(&x) }.map_err(kvm("KVM_SET_XSAVE2"))
+}
+
+/// Reads [`SAVED_MSRS`]. `KVM_GET_MSRS` stops at the first MSR it cannot
+/// read: that one is dropped and the read resumes after it (one extra
+/// ioctl per MSR this host's KVM does not know).
+fn get_msrs(fd: &VcpuFd) -> Result<Vec<kvm_msr_entry>> {
+    let mut out = Vec::with_capacity(SAVED_MSRS.len());
+    let mut rest = SAVED_MSRS;
+    while !rest.is_empty() {
+        let entries: Vec<kvm_msr_entry> = rest
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|e| malformed(format!("msrs: {e:?}")))?;
+        let n = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+        out.extend_from_slice(&msrs.as_slice()[..n.min(rest.len())]);
+        if n < rest.len() {
+            log::trace!("KVM_GET_MSRS: MSR {:#x} not readable, skipped", rest[n]);
+        }
+        rest = rest.get(n + 1..).unwrap_or(&[]);
+    }
+    Ok(out)
+}
+
+/// VM-wide KVM state a restored VM needs: the kvm-clock. An in-kernel
+/// irqchip's and PIT's state belong to the VMM that created them, as does
+/// guest memory (see the [module docs](self)).
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmState {
+    clock: kvm_clock_data,
+}
+
+impl VmState {
+    /// Saves the VM's kvm-clock (`KVM_GET_CLOCK`).
+    pub fn save(vm: &VmFd) -> Result<VmState> {
+        let clock = vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
+        Ok(VmState { clock })
+    }
+
+    /// Sets the VM's kvm-clock to the saved value (`KVM_SET_CLOCK`): the
+    /// guest's clock continues from where it was saved, without counting
+    /// the time in between (no `KVM_CLOCK_REALTIME` adjustment). Restore
+    /// before the vCPUs first run.
+    pub fn restore(&self, vm: &VmFd) -> Result<()> {
+        let clock = kvm_clock_data {
+            clock: self.clock.clock,
+            ..Default::default()
+        };
+        vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))
+    }
+
+    /// The saved kvm-clock, in nanoseconds.
+    pub fn clock_ns(&self) -> u64 {
+        self.clock.clock
+    }
+
+    /// The state as bytes (format version [`FORMAT_VERSION`]).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let c = &self.clock;
+        let mut w = Writer::new(VM_MAGIC);
+        w.section(tag::CLOCK, |w| {
+            w.u64(c.clock);
+            w.u32(c.flags);
+            w.u32(c.pad0);
+            w.u64(c.realtime);
+            w.u64(c.host_tsc);
+            c.pad.iter().for_each(|&p| w.u32(p));
+        });
+        w.finish()
+    }
+
+    /// Decodes [`to_bytes`](Self::to_bytes)' output. Truncated, corrupted
+    /// or foreign bytes are an error, never a panic.
+    pub fn from_bytes(bytes: &[u8]) -> Result<VmState> {
+        let sections = codec::sections(bytes, VM_MAGIC, "VM state")?;
+        if let Some(s) = sections.iter().find(|s| s.tag != tag::CLOCK) {
+            return Err(malformed(format!("VM state: unknown section {}", s.tag)));
+        }
+        let clock = parse(&sections, tag::CLOCK, "clock", |r| {
+            Ok(kvm_clock_data {
+                clock: r.u64()?,
+                flags: r.u32()?,
+                pad0: r.u32()?,
+                realtime: r.u64()?,
+                host_tsc: r.u64()?,
+                pad: [r.u32()?, r.u32()?, r.u32()?, r.u32()?],
+            })
+        })?;
+        Ok(VmState { clock })
+    }
+}
