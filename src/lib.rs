@@ -23,6 +23,9 @@
 //!  mm                       vmas + protection ranges, pmas (COW aware), mappables,
 //!        │                  the fault path, host-side I/O, fork; talks to KVM only
 //!        │                  through the AddressSpaceBackend trait
+//!  snapshot                 the sparse snapshot file (header, layout, opaque vCPU/VM
+//!        │                  blobs, memory by GPA) and the working-set record; reads
+//!        │                  memory through mm without populating or committing it
 //!  kvm                      memslots (the backend), exit decoding, vCPU run loop,
 //!        │                  emulation failures (software page-table walk, iced-x86
 //!        │                  decode, fault in what the instruction needs)
@@ -202,6 +205,7 @@ pub mod mm;
 pub mod perms;
 pub mod range;
 pub mod segment;
+pub mod snapshot;
 pub mod uffd;
 #[cfg(feature = "vmm")]
 pub mod vmm;

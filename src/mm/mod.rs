@@ -11,6 +11,7 @@
 //! - [`guest_memory`]: vm-memory's `GuestMemory` over an address space;
 //! - [`regions`]: vm-memory's region-based `GuestMemoryBackend` over an
 //!   address space (for linux-loader and other crates that want regions);
+//! - `layout`: the vmas and protections as plain values ([`VmaLayout`]);
 //! - [`extents`]: what backs each guest range (fd, offset, populated), and
 //!   installing what host I/O populated;
 //! - [`fork`]: cloning an address space;
@@ -34,6 +35,7 @@ pub mod fork;
 pub mod guest_memory;
 mod hostfile;
 pub mod io;
+mod layout;
 pub mod mappable;
 pub mod pma;
 pub mod protect;
@@ -64,6 +66,7 @@ pub use fill::{
 pub use guest_memory::SpaceMemory;
 pub use hostfile::HostFile;
 pub use io::{IoOpts, Pin};
+pub use layout::VmaLayout;
 pub use mappable::{File, FileError, Mappable, MappingSpace, Translation};
 pub use pma::PrivateRefs;
 pub use protect::{ProtectError, ProtectionRanges, Region};
