@@ -16,6 +16,7 @@
 //!
 //! ```text
 //!  range, perms, segment    half-open ranges; an ordered map of non-overlapping ranges
+//!  dirty                    sparse per-page dirty sets and the shared sink (names range)
 //!  uffd                     userfaultfd (write-protect mode) wrapper; names no other layer
 //!        │
 //!  memfile                  one memfd: allocate / inc_ref / dec_ref / decommit / usage
@@ -135,6 +136,8 @@
 //! above it. Siblings are never held together.
 //!
 //! ```text
+//! AddressSpace dirty control      Mutex: serializes start / take / stop of dirty
+//!   │                             tracking; taken first, by nothing else
 //! AddressSpace.mapping            RwLock: vmas + protection ranges. Faults and host I/O
 //!   │                             read it; map / unmap / protect / fork write it.
 //!   └─ AddressSpace.active        Mutex: pmas, fault-around streams, pins.
@@ -146,7 +149,10 @@
 //!        │    └─ RunGate          which vCPUs are in KVM_RUN (a leaf: slot changes
 //!        │                        close the gate with the slot table locked)
 //!        ├─ SpaceRegion.shown     the pages a region view has mapped (a leaf)
-//!        └─ MemoryFile.inner      allocation map, refcounts, internal mappings
+//!        ├─ MemoryFile.inner      allocation map, refcounts, internal mappings
+//!        └─ DirtyLog              the dirty sink (a leaf): host writes mark it
+//!                                 under `active`, the slot table under its
+//!                                 `state`, a take empties it holding nothing
 //!
 //! AddressSpace.fill_signal        Mutex: the fill-work generation (a leaf, held
 //!                                 alone: the fault path bumps it after releasing
@@ -179,6 +185,10 @@
 //!   leaves `KVM_RUN` and retries after the change. The thread is stopped
 //!   and joined when the `Vm` drops, before the slot table and the
 //!   userfaultfd (whose close wakes anything still blocked).
+//! - Dirty tracking: `start_dirty_tracking` and `stop_dirty_tracking` take
+//!   the control lock, then `active`, then (backend calls) `SlotTable.state`;
+//!   `take_dirty` takes the control lock, then `SlotTable.state` (the
+//!   harvest, `active` not held: faults go on), then the `DirtyLog`.
 //! - `kvm::emulate` holds no lock of its own: it calls `read_with`,
 //!   `handle_fault` and `SlotTable::slot_at` one at a time, each taking and
 //!   releasing its locks in this order.
@@ -199,6 +209,7 @@
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod dirty;
 pub mod kvm;
 pub mod memfile;
 pub mod mm;

@@ -8,6 +8,8 @@
 //! - [`handler`]: [`ExitHandler`] and the ready loop [`Vcpu::run_with`];
 //! - [`exits`]: which exits are memory faults, violation reports;
 //! - [`vm`]: [`Vm`], tying a KVM VM to an address space;
+//! - `dirty`: [`Vm::start_dirty_tracking`], [`Vm::take_dirty`] (KVM's
+//!   dirty log on memslots, harvested before any slot is deleted);
 //! - [`cow_wp`]: [`CowMode`], and the fault thread that breaks
 //!   copy-on-write per page under userfaultfd write protection;
 //! - [`emulate`], [`operands`](self#operands), [`retry`](self#retries):
@@ -52,6 +54,7 @@
 //! natively.
 
 pub mod cow_wp;
+mod dirty;
 pub mod emulate;
 pub mod exits;
 mod gate;

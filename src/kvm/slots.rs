@@ -75,18 +75,44 @@
 //! plan that deletes a slot closes the run gate first (the kick's signal
 //! ends the blocked fault with `EINTR`).
 //!
+//! # Dirty log
+//!
+//! While the address space tracks dirty pages
+//! ([`AddressSpaceBackend::start_dirty_log`]), every *writable* slot
+//! carries `KVM_MEM_LOG_DIRTY_PAGES`: slots live when logging starts get it
+//! by a flags-only `KVM_SET_USER_MEMORY_REGION` (KVM lets a slot's flags
+//! change, except `KVM_MEM_READONLY`), slots added later are created with
+//! it. Read-only slots carry no log: the guest cannot write them (a write
+//! exits, and the fault path makes the page writable in a new, logged
+//! slot). [`harvest_dirty`](AddressSpaceBackend::harvest_dirty) runs
+//! `KVM_GET_DIRTY_LOG` on every writable slot (fetch and clear, atomic
+//! against the guest's writes) and ORs each bitmap into the sink at the
+//! slot's guest-physical address.
+//!
+//! KVM frees a slot's log with the slot, so **every deletion of a writable
+//! slot harvests it first**, under the table's lock: merges, splits,
+//! write-protection (a fork's `write_protect_cow` in read-only-slot mode
+//! too), removals, and the table's drop. A guest write between that
+//! harvest and the deletion would be lost, so while logging, every plan
+//! that deletes a slot closes the run gate (no vCPU is inside `KVM_RUN`
+//! from the harvest to the deletion; KVM flushes a vCPU's
+//! page-modification log when it exits). Pages the mm core replaces under
+//! a live slot (a copy-on-write break keeping its writability) change no
+//! slot and keep their bits.
+//!
 //! Lock: `state` sits below `AddressSpace.active` (the mm core calls in with
-//! it held) and above `MemoryFile.inner`.
+//! it held) and above `MemoryFile.inner` and the dirty sink (a leaf).
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 
 use super::gate::RunGate;
 use super::sys::Reservation;
+use crate::dirty::DirtyLog;
 use crate::mm::backend::{AddressSpaceBackend, BackendError, Installed};
 use crate::range::{GuestRange, Range};
 use crate::segment::{SegmentSet, SegmentValue};
@@ -164,6 +190,10 @@ pub struct SlotStats {
     pub wp_reprotects: u64,
     /// `UFFDIO_WAKE`s after protected pages were replaced or removed.
     pub wp_wakes: u64,
+    /// `KVM_GET_DIRTY_LOG` calls (harvests of one slot).
+    pub dirty_harvests: u64,
+    /// Harvests of a slot just before its deletion.
+    pub dirty_harvests_on_delete: u64,
 }
 
 /// A write-protected range of the reservation (value of `SlotState::wp`).
@@ -192,6 +222,8 @@ struct SlotState {
     limit: usize,
     policy: MergePolicy,
     stats: SlotStats,
+    /// The dirty sink while logging (see the module docs).
+    dirty: Option<Arc<DirtyLog>>,
 }
 
 /// The slot changes one operation needs, computed before anything changes.
@@ -290,6 +322,7 @@ impl SlotTable {
                 limit,
                 policy,
                 stats: SlotStats::default(),
+                dirty: None,
             }),
             ioctl_errors: AtomicU64::new(0),
             generation: AtomicU64::new(0),
@@ -637,17 +670,21 @@ impl SlotTable {
             return Ok(());
         }
         self.bump();
+        // Deletions pause the vCPUs in userfaultfd mode (SRCU, see the
+        // module docs) and while logging (nothing may be written between a
+        // slot's last harvest and its deletion).
+        let deletes = !plan.delete.is_empty() && (self.uffd.is_some() || st.dirty.is_some());
         let _paused = match &self.gate {
-            Some(gate)
-                if plan.opens_a_gap() || (self.uffd.is_some() && !plan.delete.is_empty()) =>
-            {
+            Some(gate) if plan.opens_a_gap() || deletes => {
                 self.pauses.fetch_add(1, Ordering::Relaxed);
                 Some(gate.close())
             }
             _ => None,
         };
+        let log = st.dirty.is_some();
         for (r, slot) in plan.delete {
-            self.set_region(slot.id, r, slot.writable, true)?;
+            self.harvest_slot_locked(st, r, slot, true)?;
+            self.set_region(slot.id, r, slot.writable, log, true)?;
             st.slots.remove(r.start());
             st.free_ids.push(slot.id);
             st.stats.deletes += 1;
@@ -657,7 +694,7 @@ impl SlotTable {
                 st.next_id += 1;
                 st.next_id - 1
             });
-            if let Err(e) = self.set_region(id, r, writable, false) {
+            if let Err(e) = self.set_region(id, r, writable, log, false) {
                 st.free_ids.push(id);
                 return Err(e);
             }
@@ -671,16 +708,25 @@ impl SlotTable {
         Ok(())
     }
 
+    /// `KVM_SET_USER_MEMORY_REGION` for slot `id` over `r`: adds it (or
+    /// changes its flags, if it exists with the same range), with the
+    /// dirty log if `log` and `writable`; or deletes it.
     fn set_region(
         &self,
         id: u32,
         r: GuestRange,
         writable: bool,
+        log: bool,
         delete: bool,
     ) -> Result<(), BackendError> {
+        let flags = match (writable, log) {
+            (false, _) => KVM_MEM_READONLY,
+            (true, true) => KVM_MEM_LOG_DIRTY_PAGES,
+            (true, false) => 0,
+        };
         let region = kvm_userspace_memory_region {
             slot: id,
-            flags: if writable { 0 } else { KVM_MEM_READONLY },
+            flags,
             guest_phys_addr: r.start(),
             memory_size: if delete { 0 } else { r.len() },
             userspace_addr: self.reservation.host_addr(r.start()),
@@ -695,6 +741,57 @@ impl SlotTable {
                 source: std::io::Error::from_raw_os_error(e.errno()),
             }
         })
+    }
+
+    /// Moves slot `slot`'s dirty log (over `r`) into the sink, if logging
+    /// and the slot is writable (`before_delete`: for the stats).
+    ///
+    /// # Preconditions
+    /// - `st` is the locked state; the slot is live.
+    fn harvest_slot_locked(
+        &self,
+        st: &mut SlotState,
+        r: GuestRange,
+        slot: Slot,
+        before_delete: bool,
+    ) -> Result<(), BackendError> {
+        let Some(sink) = &st.dirty else {
+            return Ok(());
+        };
+        if !slot.writable {
+            return Ok(());
+        }
+        let bitmap = self
+            .vm
+            .get_dirty_log(slot.id, r.len() as usize)
+            .map_err(|e| {
+                self.ioctl_errors.fetch_add(1, Ordering::Relaxed);
+                BackendError::Host {
+                    op: "KVM_GET_DIRTY_LOG",
+                    source: std::io::Error::from_raw_os_error(e.errno()),
+                }
+            })?;
+        sink.mark_bitmap(r.start(), &bitmap)
+            .expect("a slot lies inside the page-aligned reservation");
+        st.stats.dirty_harvests += 1;
+        if before_delete {
+            st.stats.dirty_harvests_on_delete += 1;
+        }
+        Ok(())
+    }
+
+    /// Sets or clears `KVM_MEM_LOG_DIRTY_PAGES` on every writable slot
+    /// (flags-only updates). Stops at the first failure.
+    ///
+    /// # Preconditions
+    /// - `st` is the locked state.
+    fn set_logging_locked(&self, st: &SlotState, log: bool) -> Result<(), BackendError> {
+        for (r, slot) in st.slots.iter() {
+            if slot.writable {
+                self.set_region(slot.id, r, true, log, false)?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes `range` (or, if slots run short, the whole runs it touches)
@@ -884,6 +981,39 @@ impl AddressSpaceBackend for SlotTable {
         }
     }
 
+    /// Turns on `KVM_MEM_LOG_DIRTY_PAGES` on every writable slot (see the
+    /// module docs); on failure the slots flagged so far are cleared again.
+    fn start_dirty_log(&self, sink: Arc<DirtyLog>) -> Result<(), BackendError> {
+        let mut st = self.lock();
+        if let Err(e) = self.set_logging_locked(&st, true) {
+            let _ = self.set_logging_locked(&st, false);
+            return Err(e);
+        }
+        st.dirty = Some(sink);
+        Ok(())
+    }
+
+    /// `KVM_GET_DIRTY_LOG` on every writable slot into the sink, under the
+    /// table's lock (no slot changes meanwhile; vCPUs keep running).
+    fn harvest_dirty(&self) -> Result<(), BackendError> {
+        let mut st = self.lock();
+        let slots: Vec<(GuestRange, Slot)> = st.slots.iter().map(|(r, s)| (r, *s)).collect();
+        for (r, slot) in slots {
+            self.harvest_slot_locked(&mut st, r, slot, false)?;
+        }
+        Ok(())
+    }
+
+    /// Clears `KVM_MEM_LOG_DIRTY_PAGES` on every slot and forgets the sink
+    /// (failures are logged: a slot left logging costs only KVM's work).
+    fn stop_dirty_log(&self) {
+        let mut st = self.lock();
+        if let Err(e) = self.set_logging_locked(&st, false) {
+            log::error!("clearing the dirty log flag: {e}");
+        }
+        st.dirty = None;
+    }
+
     /// Populates the reservation over `range` (`MADV_POPULATE_WRITE`, or
     /// `_READ` for read-only installs), without the table's lock: KVM then
     /// finds the host pages present. A concurrent `remove` leaves
@@ -910,10 +1040,16 @@ impl AddressSpaceBackend for SlotTable {
 
 impl Drop for SlotTable {
     fn drop(&mut self) {
-        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let slots: Vec<(GuestRange, Slot)> = st.slots.iter().map(|(r, s)| (r, *s)).collect();
+        let log = st.dirty.is_some();
         for (r, s) in slots {
-            if let Err(e) = self.set_region(s.id, r, s.writable, true) {
+            // Nobody runs the guest any more; the sink may outlive us.
+            if let Err(e) = self.harvest_slot_locked(st, r, s, true) {
+                log::error!("harvesting slot {} at {r} on drop: {e}", s.id);
+            }
+            if let Err(e) = self.set_region(s.id, r, s.writable, log, true) {
                 log::error!("deleting slot {} at {r} on drop: {e}", s.id);
             }
         }

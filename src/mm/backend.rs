@@ -4,8 +4,9 @@
 //! ships [`RecordingBackend`] for tests and [`NoopBackend`] for benchmarks.
 
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use crate::dirty::{DirtyLog, DirtyPages};
 use crate::range::{GuestRange, Range};
 use crate::segment::{SegmentSet, SegmentValue};
 
@@ -126,6 +127,30 @@ pub trait AddressSpaceBackend: Send + Sync {
         let _ = (range, writable);
         Ok(0)
     }
+
+    /// Starts logging the guest's writes for `sink`: from now on every page
+    /// the guest writes must reach `sink`, at the latest at the next
+    /// [`harvest_dirty`](Self::harvest_dirty), including pages of memory
+    /// removed or re-protected meanwhile (a backend whose log lives with
+    /// its mappings must move it into `sink` before dropping them). Called
+    /// with `active` held. The default logs nothing: a backend without
+    /// guest writes (tests, benchmarks of the mm core).
+    fn start_dirty_log(&self, sink: Arc<DirtyLog>) -> Result<(), BackendError> {
+        let _ = sink;
+        Ok(())
+    }
+
+    /// Moves every guest write logged so far into the sink given to
+    /// [`start_dirty_log`](Self::start_dirty_log), clearing the log: a
+    /// write after a range's harvest stays logged for the next one. Called
+    /// with no address-space lock held. The default does nothing.
+    fn harvest_dirty(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Stops logging and forgets the sink. Called with `active` held. The
+    /// default does nothing.
+    fn stop_dirty_log(&self) {}
 }
 
 /// A backend that does nothing (benchmarks of the mm core alone).
@@ -209,6 +234,10 @@ struct Recording {
     prefills: Vec<(GuestRange, bool)>,
     installed: SegmentSet<Installed>,
     fail_installs_after: Option<usize>,
+    /// The dirty-log sink while logging.
+    sink: Option<Arc<DirtyLog>>,
+    /// Simulated guest writes not harvested yet (a KVM slot's log).
+    guest_log: DirtyPages,
 }
 
 /// A backend that records every call and keeps a model of what is
@@ -263,6 +292,55 @@ impl RecordingBackend {
         self.lock().fail_installs_after = n;
     }
 
+    /// Simulates a guest write of `data` at `gpa`: the range must be
+    /// installed writable all over (else [`BackendError::Injected`] and
+    /// nothing is written); the bytes go to the installed file pages
+    /// (`pwrite`), and while logging the pages enter the backend's log as
+    /// KVM's would, reaching the sink at the next harvest or when they are
+    /// removed or write-protected (a slot deletion harvests first).
+    pub fn guest_write(&self, gpa: u64, data: &[u8]) -> Result<(), BackendError> {
+        let range = Range::from_len(gpa, data.len() as u64)
+            .map_err(|_| BackendError::Injected("guest write range overflows"))?;
+        let mut s = self.lock();
+        if s.installed.span_range(range) != range.len()
+            || s.installed.iter_range(range).any(|(_, v)| !v.writable)
+        {
+            return Err(BackendError::Injected(
+                "guest write to memory not installed writable",
+            ));
+        }
+        for (r, v) in s.installed.iter_range(range) {
+            let part = r.intersect(range);
+            let at = &data[(part.start() - gpa) as usize..(part.end() - gpa) as usize];
+            let off = v.file_offset + (part.start() - r.start());
+            // SAFETY: `at` is a live buffer of `at.len()` bytes; `v.fd` is
+            // the fd the mm core installed, which stays open while installed
+            // (the pma holding its pages is alive: we hold our lock, and
+            // removal goes through it).
+            let n = unsafe { libc::pwrite(v.fd, at.as_ptr().cast(), at.len(), off as libc::off_t) };
+            if n != at.len() as isize {
+                return Err(BackendError::Host {
+                    op: "pwrite",
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+        if s.sink.is_some() {
+            s.guest_log.mark(range);
+        }
+        Ok(())
+    }
+
+    /// Moves the simulated guest log into the sink (a harvest).
+    fn harvest_locked(s: &mut Recording) {
+        if let Some(sink) = &s.sink {
+            let pages = s.guest_log.take();
+            for r in pages.ranges() {
+                sink.mark(r);
+            }
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Recording> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -289,6 +367,7 @@ impl AddressSpaceBackend for RecordingBackend {
             file_offset,
             writable,
         });
+        Self::harvest_locked(&mut s);
         s.installed.remove_range(range);
         s.installed
             .insert(
@@ -306,6 +385,7 @@ impl AddressSpaceBackend for RecordingBackend {
     fn remove(&self, range: GuestRange) -> Result<(), BackendError> {
         let mut s = self.lock();
         s.calls.push(BackendCall::Remove { range });
+        Self::harvest_locked(&mut s);
         s.installed.remove_range(range);
         Ok(())
     }
@@ -313,6 +393,7 @@ impl AddressSpaceBackend for RecordingBackend {
     fn write_protect(&self, range: GuestRange) -> Result<(), BackendError> {
         let mut s = self.lock();
         s.calls.push(BackendCall::WriteProtect { range });
+        Self::harvest_locked(&mut s);
         // The range may have holes; protect each installed piece.
         let pieces: Vec<GuestRange> = s.installed.iter_range(range).map(|(r, _)| r).collect();
         for piece in pieces {
@@ -338,5 +419,23 @@ impl AddressSpaceBackend for RecordingBackend {
             .map(|(r, _)| r.intersect(range).len())
             .sum();
         Ok(filled)
+    }
+
+    fn start_dirty_log(&self, sink: Arc<DirtyLog>) -> Result<(), BackendError> {
+        let mut s = self.lock();
+        s.guest_log.clear();
+        s.sink = Some(sink);
+        Ok(())
+    }
+
+    fn harvest_dirty(&self) -> Result<(), BackendError> {
+        Self::harvest_locked(&mut self.lock());
+        Ok(())
+    }
+
+    fn stop_dirty_log(&self) {
+        let mut s = self.lock();
+        s.sink = None;
+        s.guest_log.clear();
     }
 }

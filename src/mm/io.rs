@@ -34,6 +34,9 @@ pub struct Pin {
     /// Id of the space that holds the pin.
     space: u64,
     range: GuestRange,
+    /// Pinned for writing: unpinning marks the range dirty (a device may
+    /// have written it meanwhile).
+    write: bool,
 }
 
 impl Pin {
@@ -162,6 +165,7 @@ impl AddressSpace {
             id,
             space: self.id,
             range,
+            write: access == Access::Write,
         })
     }
 
@@ -173,6 +177,9 @@ impl AddressSpace {
                 pin_space: pin.space,
                 space: self.id,
             });
+        }
+        if pin.write {
+            self.mark_dirty(pin.range);
         }
         let held = self.lock_active().pins.remove(&pin.id).unwrap_or_default();
         for (file, fr) in held {
@@ -239,7 +246,14 @@ impl AddressSpace {
             }
             collect_pieces_locked(&active, part.intersect(range), range.start(), &mut out);
         }
-        f(&out)
+        let done = f(&out);
+        if access == Access::Write {
+            // After the bytes land, with `active` still held: a take that
+            // empties the log first leaves the page for the next take.
+            // Marked on failure too (a write may have landed in part).
+            self.mark_dirty(range);
+        }
+        done
     }
 
     /// Checks everything about an access of `access` to `range` (bytes;

@@ -15,6 +15,8 @@
 //! - [`extents`]: what backs each guest range (fd, offset, populated), and
 //!   installing what host I/O populated;
 //! - [`fork`]: cloning an address space;
+//! - `dirty`: dirty tracking ([`AddressSpace::start_dirty_tracking`],
+//!   [`AddressSpace::take_dirty`]);
 //! - [`mappable`]: what a vma can map;
 //! - [`backend`]: how populated memory reaches the guest (KVM, or a test
 //!   recorder).
@@ -28,6 +30,7 @@
 //! lock take the guarded state as a parameter and end in `_locked`.
 
 pub mod backend;
+mod dirty;
 pub mod extents;
 pub mod fault;
 pub mod fill;
@@ -289,6 +292,8 @@ pub struct AddressSpace {
     fill_signal: fill::FillSignal,
     /// The fault recording ([`start_fault_record`](Self::start_fault_record)). A leaf lock.
     recorder: record::FaultRecorder,
+    /// Dirty tracking: the sink host writes mark, and whether it is on.
+    dirty: dirty::Tracking,
 }
 
 impl std::fmt::Debug for AddressSpace {
@@ -364,6 +369,7 @@ impl AddressSpace {
             counters: Counters::default(),
             fill_signal: Default::default(),
             recorder: Default::default(),
+            dirty: Default::default(),
         })
     }
 
@@ -412,6 +418,9 @@ impl AddressSpace {
 
 impl MappingSpace for AddressSpace {
     fn invalidate(&self, range: GuestRange, private_too: bool) {
+        // The object dropped pages mapped here (a decommit): they read as
+        // zeros now, populated here or not.
+        self.mark_dirty(range);
         let mut active = self.lock_active();
         if let Err(e) = self.invalidate_locked(&mut active, range, private_too) {
             log::error!("invalidate {range} of space {}: {e}", self.id);

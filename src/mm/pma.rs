@@ -539,6 +539,9 @@ impl AddressSpace {
         }
         self.install_locked(&active, vr, vma, out.broken)?;
         self.recorder.push(out.broken, Access::Write);
+        // The guest's write follows (logged by the backend); mark its page
+        // here too. A collapse copies the rest of the chunk unchanged.
+        self.mark_dirty(page_range);
         Ok(out)
     }
 
@@ -618,6 +621,8 @@ impl AddressSpace {
             for (r, pma) in active.pmas.remove_range(part) {
                 self.backend.remove(r)?;
                 release(&self.private_refs, r, &pma)?;
+                // Its content is gone (zeros, or the object's again).
+                self.mark_dirty(r);
             }
         }
         Ok(())
