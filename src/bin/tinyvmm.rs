@@ -44,13 +44,27 @@
 //!   (--ram-mib defaults to 256, --timeout-s to 600; --eager and the
 //!   fault-around options apply)
 //!
+//! Snapshot, restore and clone (see README, "Snapshots, restores and clones"):
+//!   --snapshot-at MARK PATH  run GUEST (default lifecycle; one vCPU) to MARK, write a
+//!                            snapshot to PATH, run the original on to its exit
+//!   --restore PATH           restore the snapshot at PATH and run it to its exit
+//!                            (replaying PATH.wset, the working set, if there is one)
+//!   --record-working-set     with --restore: record the windows the guest faults in
+//!                            and save them to PATH.wset for later restores
+//!   --clone N                run GUEST to MARK (--snapshot-at's, else 10), clone it
+//!                            N times, run the original and every clone to their exit
+//!   `all` (and no GUEST) ends with the lifecycle guest snapshotted, restored
+//!   twice (recording, then replaying its working set) and cloned twice.
+//!
 //! Prints one summary line per guest (or kernel) and exits non-zero if any
 //! failed (a kernel fails when it stopped on its own, or when `--stop-at`
 //! was not reached).
 
 use std::process::ExitCode;
 
+use guestmm::kvm::WorkingSetMode;
 use guestmm::vmm::guests::{self, Guest, GUESTS};
+use guestmm::vmm::lifecycle;
 use guestmm::vmm::linux::{boot_linux, BootProtocol, LinuxEnd, LinuxOptions};
 use guestmm::vmm::runner::{run_guest, GuestReport, RunOptions};
 
@@ -66,6 +80,16 @@ struct Args {
     ends_in_violation: bool,
     /// `--kernel` and its options.
     linux: Option<LinuxOptions>,
+    /// `--snapshot-at MARK PATH`.
+    snapshot_at: Option<(u32, std::path::PathBuf)>,
+    /// `--restore PATH`.
+    restore: Option<std::path::PathBuf>,
+    /// `--record-working-set`.
+    record_working_set: bool,
+    /// `--clone N`.
+    clone: Option<u32>,
+    /// Run the lifecycle trio after the guests (`all`, or no guest named).
+    lifecycle_all: bool,
     ram_given: bool,
     timeout_given: bool,
 }
@@ -74,6 +98,7 @@ const USAGE: &str = "usage: tinyvmm [--ram-mib N] [--vcpus N] [--fault-around-ki
 [--fault-around-max-kib N] [--eager] [--max-slots N] [--lazy-merge N|--eager-merge] [--cow MODE] [--memfile-max-mib N] \
 [--timeout-s N] [--image FILE [--template-kib N] [--expect-violations N] [--ends-in-violation]] \
 [--stats] [--json] [--list] [-v|-vv] [GUEST|all]...
+       tinyvmm [--snapshot-at MARK PATH] [--restore PATH [--record-working-set]] [--clone N] [GUEST]
        tinyvmm --kernel VMLINUX [--cmdline TEXT] [--initrd FILE] [--pvh] [--stop-at TEXT] \
 [--keep-cpuid] [--ram-mib N] [--eager] [--timeout-s N] [-v|-vv]";
 
@@ -88,6 +113,11 @@ fn parse() -> Result<Args, String> {
         expected_violations: 0,
         ends_in_violation: false,
         linux: None,
+        snapshot_at: None,
+        restore: None,
+        record_working_set: false,
+        clone: None,
+        lifecycle_all: false,
         ram_given: false,
         timeout_given: false,
     };
@@ -141,6 +171,14 @@ fn parse() -> Result<Args, String> {
             "--pvh" => linux(&mut a).protocol = BootProtocol::Pvh,
             "--stop-at" => linux(&mut a).stop_at = Some(it.next().ok_or("--stop-at needs text")?),
             "--keep-cpuid" => linux(&mut a).cpl0_workarounds = false,
+            "--snapshot-at" => {
+                let mark = num(&mut it, &arg)? as u32;
+                let path = it.next().ok_or("--snapshot-at needs MARK and PATH")?;
+                a.snapshot_at = Some((mark, path.into()));
+            }
+            "--restore" => a.restore = Some(it.next().ok_or("--restore needs a PATH")?.into()),
+            "--record-working-set" => a.record_working_set = true,
+            "--clone" => a.clone = Some(num(&mut it, &arg)? as u32),
             "--image" => a
                 .images
                 .push(it.next().ok_or("--image needs a file")?.to_string()),
@@ -167,7 +205,10 @@ fn parse() -> Result<Args, String> {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
-            "all" => a.names.extend(GUESTS.iter().map(|g| g.name.to_string())),
+            "all" => {
+                a.names.extend(GUESTS.iter().map(|g| g.name.to_string()));
+                a.lifecycle_all = true;
+            }
             name if !name.starts_with('-') => a.names.push(name.to_string()),
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
@@ -180,8 +221,19 @@ fn parse() -> Result<Args, String> {
             return Err("--kernel boots a kernel; it does not run test guests too".into());
         }
     }
-    if a.names.is_empty() && a.images.is_empty() && a.linux.is_none() {
+    let lifecycle = a.snapshot_at.is_some() || a.restore.is_some() || a.clone.is_some();
+    if a.record_working_set && a.restore.is_none() {
+        return Err("--record-working-set goes with --restore PATH".into());
+    }
+    if lifecycle && (a.linux.is_some() || a.lifecycle_all || a.names.len() > 1) {
+        return Err(
+            "--snapshot-at, --restore and --clone take one guest (default lifecycle), not all"
+                .into(),
+        );
+    }
+    if a.names.is_empty() && a.images.is_empty() && a.linux.is_none() && !lifecycle {
         a.names.extend(GUESTS.iter().map(|g| g.name.to_string()));
+        a.lifecycle_all = true;
     }
     Ok(a)
 }
@@ -351,6 +403,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         };
     }
+    if args.snapshot_at.is_some() || args.restore.is_some() || args.clone.is_some() {
+        return run_lifecycle(&kvm, &args);
+    }
     let mut failed = 0;
     let mut to_run: Vec<Guest> = Vec::new();
     for name in &args.names {
@@ -416,9 +471,66 @@ fn main() -> ExitCode {
             }
         }
     }
+    if args.lifecycle_all {
+        for step in lifecycle::run_all(&kvm, &args.opts) {
+            println!("{}", step.summary_line());
+            if !step.passed {
+                failed += 1;
+            }
+        }
+    }
     if failed > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// `--snapshot-at`, `--restore`, `--clone`: one line per step.
+fn run_lifecycle(kvm: &kvm_ioctls::Kvm, a: &Args) -> ExitCode {
+    let name = a.names.first().map_or("lifecycle", String::as_str);
+    let Some(guest) = guests::find(name) else {
+        eprintln!("tinyvmm: no guest named {name} (try --list)");
+        return ExitCode::from(2);
+    };
+    let mut steps = Vec::new();
+    if let Some((mark, path)) = &a.snapshot_at {
+        steps.push((
+            "snapshot",
+            lifecycle::snapshot_at(kvm, guest, &a.opts, *mark, path),
+        ));
+    }
+    if let Some(path) = &a.restore {
+        let mode = if a.record_working_set {
+            WorkingSetMode::Record
+        } else {
+            WorkingSetMode::Replay
+        };
+        steps.push(("restore", lifecycle::restore(kvm, path, &a.opts, mode)));
+    }
+    if let Some(n) = a.clone {
+        let mark = a
+            .snapshot_at
+            .as_ref()
+            .map_or(lifecycle::LIFECYCLE_MARK, |(m, _)| *m);
+        steps.push(("clone", lifecycle::clone_at(kvm, guest, &a.opts, mark, n)));
+    }
+    let mut ok = true;
+    for (step, r) in steps {
+        match r {
+            Ok(report) => {
+                println!("{}", report.summary_line());
+                ok &= report.passed;
+            }
+            Err(e) => {
+                println!("guest {step}: FAIL could not run: {e}");
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

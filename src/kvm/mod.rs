@@ -53,6 +53,7 @@
 //! entering the guest, restores the registers and re-runs the instruction
 //! natively.
 
+mod clone;
 pub mod cow_wp;
 mod dirty;
 pub mod emulate;
@@ -60,6 +61,7 @@ pub mod exits;
 mod gate;
 pub mod handler;
 pub mod kvm_stats;
+pub mod lifecycle;
 mod native;
 mod operands;
 mod prefill;
@@ -71,6 +73,7 @@ pub mod vcpu_state;
 pub mod vm;
 pub mod walk;
 
+pub use clone::{CloneOptions, VmClone};
 pub use cow_wp::{CowMode, CowStats};
 pub use exits::{
     EmulationFailure, FailedInstruction, MemOperand, MemoryExit, MemoryViolation, ViolationKind,
@@ -80,6 +83,7 @@ pub use kvm_stats::{
     KvmStat, KvmStatKind, KvmStatSet, KvmStatUnit, KvmStats, KvmStatsError, KvmStatsFd,
     KvmStatsReader,
 };
+pub use lifecycle::{LifecycleError, RestoreOptions, Restored, SnapshotMode, WorkingSetMode};
 pub use slots::{MergePolicy, SlotStats, SlotTable, DEFAULT_SLOT_BUDGET};
 pub use vcpu::{Exit, Vcpu, VcpuKicker};
 pub use vcpu_state::{StateError, VcpuState, VmState};

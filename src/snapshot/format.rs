@@ -249,6 +249,9 @@ pub(crate) fn write_sections(
     let meta_offset = meta_offset(data_offset, data_len);
     file.write_all_at(&bytes, meta_offset)
         .map_err(|e| SnapshotError::io("writing metadata of", path, e))?;
+    // A whole number of pages: the file is mapped whole by a restore.
+    file.set_len((meta_offset + bytes.len() as u64).next_multiple_of(PAGE_SIZE))
+        .map_err(|e| SnapshotError::io("padding", path, e))?;
     let header = Header {
         version,
         kind: meta.kind,

@@ -17,6 +17,7 @@
 pub mod boot;
 pub mod guests;
 pub mod hypercall;
+pub mod lifecycle;
 pub mod linux;
 pub mod runner;
 

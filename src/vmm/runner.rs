@@ -116,6 +116,9 @@ pub enum RunError {
     /// The template could not be wrapped.
     #[error(transparent)]
     File(#[from] crate::mm::FileError),
+    /// A snapshot, restore or clone failed.
+    #[error(transparent)]
+    Lifecycle(#[from] crate::kvm::LifecycleError),
 }
 
 /// What one guest run did.
@@ -315,61 +318,14 @@ impl ExitHandler for GuestHandler {
 /// checks the result and tears everything down.
 pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestReport, RunError> {
     let vcpus = opts.vcpus.unwrap_or(guest.vcpus);
-    let ram_size = opts.ram_size.max(guest.min_ram);
-    let layout = BootLayout::new(DEFAULT_RAM_BASE, ram_size, vcpus)?;
-    let mut mf_opts = MemoryFileOptions::default();
-    if let Some(max) = opts.memfile_max {
-        mf_opts.max_size = max;
-        // The largest chunk (≤ the default) that divides the limit.
-        while mf_opts.chunk_size > HUGE_PAGE_SIZE && max % mf_opts.chunk_size != 0 {
-            mf_opts.chunk_size /= 2;
-        }
-    }
-    let memfile = Arc::new(MemoryFile::new(
-        &format!("guestmm-{}", guest.name),
-        mf_opts,
-    )?);
-    let space_opts = AddressSpaceOptions {
-        fault_around: opts.fault_around,
-        fault_around_max: opts.fault_around_max.max(opts.fault_around),
-        ..VmOptions::default().space
-    };
-    let vm = Vm::new(
-        kvm,
-        memfile.clone(),
-        VmOptions {
-            space: space_opts,
-            max_slots: opts.max_slots,
-            slot_merge: opts.slot_merge,
-            cow: guest.cow.unwrap_or(opts.cow),
-            ..VmOptions::default()
-        },
-    )?;
+    let GuestVm {
+        vm,
+        memfile,
+        layout,
+        ram_size,
+        mut args,
+    } = new_guest_vm(kvm, guest, opts)?;
     let space = vm.space().clone();
-
-    space.map(
-        MapOpts::anonymous(BOOT_SIZE)
-            .fixed(0)
-            .perms(Perms::ALL)
-            .precommit()
-            .name("boot"),
-    )?;
-    for (gpa, bytes) in layout.boot_image(guest.image)? {
-        space.write_with(gpa, &bytes, IoOpts::FORCE)?;
-    }
-    let mut ram = MapOpts::anonymous(ram_size)
-        .fixed(layout.ram_base())
-        .perms(Perms::ALL)
-        .name("ram");
-    if opts.eager {
-        ram = ram.precommit();
-    }
-    space.map(ram)?;
-
-    let mut args = EntryArgs {
-        cow_wp: vm.stats().cow_mode == CowMode::UserfaultfdWp,
-        ..EntryArgs::default()
-    };
     let template = if guest.template_size > 0 {
         let (file, hf) = make_template(guest.template_size, opts.template_on_disk)?;
         args.template_base = layout.ram_base() + ram_size;
@@ -538,6 +494,86 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
         leaked_bytes,
         slots_after_unmap,
         host_decommits,
+    })
+}
+
+/// A VM set up for a test guest, its vCPUs not created yet.
+pub(crate) struct GuestVm {
+    pub vm: Arc<Vm>,
+    pub memfile: Arc<MemoryFile>,
+    pub layout: BootLayout,
+    pub ram_size: u64,
+    pub args: EntryArgs,
+}
+
+/// Creates the VM `run_guest` runs `guest` in: its memory file, the
+/// precommitted boot region with the guest's image, and RAM.
+pub(crate) fn new_guest_vm(
+    kvm: &Kvm,
+    guest: &Guest,
+    opts: &RunOptions,
+) -> Result<GuestVm, RunError> {
+    let vcpus = opts.vcpus.unwrap_or(guest.vcpus);
+    let ram_size = opts.ram_size.max(guest.min_ram);
+    let layout = BootLayout::new(DEFAULT_RAM_BASE, ram_size, vcpus)?;
+    let mut mf_opts = MemoryFileOptions::default();
+    if let Some(max) = opts.memfile_max {
+        mf_opts.max_size = max;
+        // The largest chunk (≤ the default) that divides the limit.
+        while mf_opts.chunk_size > HUGE_PAGE_SIZE && max % mf_opts.chunk_size != 0 {
+            mf_opts.chunk_size /= 2;
+        }
+    }
+    let memfile = Arc::new(MemoryFile::new(
+        &format!("guestmm-{}", guest.name),
+        mf_opts,
+    )?);
+    let space_opts = AddressSpaceOptions {
+        fault_around: opts.fault_around,
+        fault_around_max: opts.fault_around_max.max(opts.fault_around),
+        ..VmOptions::default().space
+    };
+    let vm = Vm::new(
+        kvm,
+        memfile.clone(),
+        VmOptions {
+            space: space_opts,
+            max_slots: opts.max_slots,
+            slot_merge: opts.slot_merge,
+            cow: guest.cow.unwrap_or(opts.cow),
+            ..VmOptions::default()
+        },
+    )?;
+    let space = vm.space();
+    space.map(
+        MapOpts::anonymous(BOOT_SIZE)
+            .fixed(0)
+            .perms(Perms::ALL)
+            .precommit()
+            .name("boot"),
+    )?;
+    for (gpa, bytes) in layout.boot_image(guest.image)? {
+        space.write_with(gpa, &bytes, IoOpts::FORCE)?;
+    }
+    let mut ram = MapOpts::anonymous(ram_size)
+        .fixed(layout.ram_base())
+        .perms(Perms::ALL)
+        .name("ram");
+    if opts.eager {
+        ram = ram.precommit();
+    }
+    space.map(ram)?;
+
+    let args = EntryArgs {
+        cow_wp: vm.stats().cow_mode == CowMode::UserfaultfdWp,
+        ..EntryArgs::default()
+    };
+    Ok(GuestVm {
+        vm,
+        memfile,
+        layout,
+        ram_size,
+        args,
     })
 }
 
