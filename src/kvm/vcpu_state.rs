@@ -481,16 +481,7 @@ impl Vcpu {
         if let Some(l) = &state.lapic {
             fd.set_lapic(l).map_err(kvm("KVM_SET_LAPIC"))?;
         }
-        let msrs =
-            Msrs::from_entries(&state.msrs).map_err(|e| malformed(format!("msrs: {e:?}")))?;
-        let set = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
-        if set != state.msrs.len() {
-            return Err(StateError::MsrsRejected {
-                set,
-                total: state.msrs.len(),
-                index: state.msrs[set].index,
-            });
-        }
+        set_msrs(fd, &state.msrs)?;
         fd.set_vcpu_events(&state.events)
             .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
@@ -603,6 +594,43 @@ fn get_msrs(fd: &VcpuFd) -> Result<Vec<kvm_msr_entry>> {
         rest = rest.get(n + 1..).unwrap_or(&[]);
     }
     Ok(out)
+}
+
+/// Writes `msrs`. `KVM_SET_MSRS` stops at the first MSR it refuses; KVM
+/// reads some MSRs it will not take back from the host (on this kernel
+/// `IA32_XSS` when the guest's CPUID lacks XSAVES). One the vCPU already
+/// holds at the saved value is skipped (nothing to restore), the write
+/// resumes after it; any other refusal is [`StateError::MsrsRejected`].
+fn set_msrs(fd: &VcpuFd, msrs: &[kvm_msr_entry]) -> Result<()> {
+    let mut done = 0;
+    while done < msrs.len() {
+        let rest = &msrs[done..];
+        let list = Msrs::from_entries(rest).map_err(|e| malformed(format!("msrs: {e:?}")))?;
+        let n = fd.set_msrs(&list).map_err(kvm("KVM_SET_MSRS"))?;
+        if n >= rest.len() {
+            break;
+        }
+        let refused = rest[n];
+        let mut current = Msrs::from_entries(&[kvm_msr_entry {
+            index: refused.index,
+            ..Default::default()
+        }])
+        .map_err(|e| malformed(format!("msrs: {e:?}")))?;
+        let read = fd.get_msrs(&mut current).map_err(kvm("KVM_GET_MSRS"))?;
+        if read != 1 || current.as_slice()[0].data != refused.data {
+            return Err(StateError::MsrsRejected {
+                set: done + n,
+                total: msrs.len(),
+                index: refused.index,
+            });
+        }
+        log::trace!(
+            "KVM_SET_MSRS refused MSR {:#x}, which already holds the saved value",
+            refused.index
+        );
+        done += n + 1;
+    }
+    Ok(())
 }
 
 /// VM-wide KVM state a restored VM needs: the kvm-clock. An in-kernel
