@@ -6,10 +6,12 @@ mod common;
 
 use common::guest_vm::{boot_vm, GuestVm};
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guestmm::kvm::vcpu_state::FORMAT_VERSION;
-use guestmm::kvm::{Exit, StateError, Vcpu, VcpuState, VmState};
+use guestmm::kvm::{Exit, StateError, Vcpu, VcpuState, Vm, VmOptions, VmState};
+use guestmm::memfile::{MemoryFile, MemoryFileOptions};
 use guestmm::mm::IoOpts;
 use guestmm::vmm::boot::{CODE_GPA, DEFAULT_RAM_BASE};
 use guestmm::vmm::hypercall::PORT_MARK;
@@ -161,7 +163,7 @@ fn run_to_mark(vcpu: &mut Vcpu, from: u32, want: u32) {
     panic!("no MARK {want} after 10000 exits");
 }
 
-fn read_ram(vm: &guestmm::kvm::Vm, len: usize) -> Vec<u8> {
+fn read_ram(vm: &Vm, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];
     vm.space()
         .read_with(DEFAULT_RAM_BASE, &mut b, IoOpts::FORCE)
@@ -388,5 +390,63 @@ fn truncated_garbled_or_foreign_bytes_are_errors() {
     ));
     for len in 0..vm_bytes.len() {
         assert!(VmState::from_bytes(&vm_bytes[..len]).is_err());
+    }
+}
+
+#[test]
+fn the_lapic_travels_with_an_in_kernel_irqchip_and_is_refused_without_one() {
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
+    let vm = |irqchip: bool| {
+        let memfile = Arc::new(MemoryFile::new("lapic", MemoryFileOptions::default()).unwrap());
+        let vm = Vm::new(&kvm, memfile, VmOptions::default()).unwrap();
+        if irqchip {
+            vm.vm_fd().create_irq_chip().unwrap();
+        }
+        vm
+    };
+    let reg = |l: &kvm_bindings::kvm_lapic_state, off: usize| {
+        let b: Vec<u8> = l.regs[off..off + 4].iter().map(|&c| c as u8).collect();
+        u32::from_le_bytes(b.try_into().unwrap())
+    };
+    let set_reg = |l: &mut kvm_bindings::kvm_lapic_state, off: usize, v: u32| {
+        for (i, b) in v.to_le_bytes().into_iter().enumerate() {
+            l.regs[off + i] = b as _;
+        }
+    };
+    const TPR: usize = 0x80;
+    const LVT_TIMER: usize = 0x320;
+
+    let vm1 = vm(true);
+    let mut a = vm1.create_vcpu(0).unwrap();
+    let mut lapic = a.fd().get_lapic().unwrap();
+    set_reg(&mut lapic, TPR, 0x20);
+    set_reg(&mut lapic, LVT_TIMER, 0x2_00ec); // periodic, vector 0xec, unmasked
+    a.fd().set_lapic(&lapic).unwrap();
+    let s = a.save_state().unwrap();
+    let saved = s.lapic().expect("an in-kernel irqchip has a LAPIC");
+    assert_eq!(reg(saved, TPR), 0x20);
+
+    let vm2 = vm(true);
+    let mut b = vm2.create_vcpu(0).unwrap();
+    assert_ne!(reg(&b.fd().get_lapic().unwrap(), LVT_TIMER), 0x2_00ec);
+    b.restore_state(&s).unwrap();
+    let got = b.fd().get_lapic().unwrap();
+    assert_eq!(
+        (reg(&got, TPR), reg(&got, LVT_TIMER)),
+        (0x20, 0x2_00ec),
+        "TPR and LVT timer after restore"
+    );
+    assert_eq!(b.save_state().unwrap().lapic(), Some(saved));
+
+    let vm3 = vm(false);
+    let mut c = vm3.create_vcpu(0).unwrap();
+    match c.restore_state(&s) {
+        Err(StateError::Kvm {
+            op: "KVM_SET_LAPIC",
+            ..
+        }) => {}
+        other => panic!("got {other:?}, want a KVM_SET_LAPIC error"),
     }
 }

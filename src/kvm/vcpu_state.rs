@@ -288,6 +288,11 @@ impl VcpuState {
         self.lapic.is_some()
     }
 
+    /// The LAPIC's registers, if the VM has an in-kernel irqchip.
+    pub fn lapic(&self) -> Option<&kvm_lapic_state> {
+        self.lapic.as_ref()
+    }
+
     /// The state as bytes (format version [`FORMAT_VERSION`]).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut w = Writer::new(VCPU_MAGIC);
