@@ -292,9 +292,12 @@ fn overlapping_vmas_are_refused() {
     assert_layout(err, "overlaps");
 }
 
+/// A change to metadata.
+type Edit = Box<dyn FnOnce(&mut SnapshotMeta)>;
+
 #[test]
 fn impossible_layouts_are_refused() {
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut SnapshotMeta)>)> = vec![
+    let cases: Vec<(&str, Edit)> = vec![
         (
             "unaligned",
             Box::new(|m| m.vmas[0] = vma(RAM + 1, RAM + MIB)),

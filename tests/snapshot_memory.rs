@@ -289,10 +289,14 @@ fn diff_writes_exactly_the_dirty_pages_zeros_included() {
     let usage = space.memfile().usage().unwrap();
     let populated = space.stats().populated_bytes;
     let path = TempPath::new("diff");
-    let base_ref = BaseRef {
-        id: base.id,
-        file_name: base_path.0.file_name().unwrap().to_string_lossy().into(),
-    };
+    let base_ref = Snapshot::open(&base_path.0).unwrap().base_ref();
+    assert_eq!(
+        base_ref,
+        BaseRef {
+            id: base.id,
+            file_name: base_path.0.file_name().unwrap().to_string_lossy().into(),
+        }
+    );
     let report = save(
         &path.0,
         SaveRequest {
