@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use common::{setup, tempfile};
 use guestmm::memfile::MemoryFile;
-use guestmm::mm::{AddressSpace, HostFile, IoOpts, MapOpts, Mappable, RecordingBackend};
+use guestmm::mm::{
+    AddressSpace, HostFile, IoOpts, MapOpts, Mappable, RecordingBackend, SharedMemory,
+};
 use guestmm::snapshot::{save, BaseRef, DiffOf, SaveRequest, Snapshot, SnapshotKind, VmaRecord};
 use guestmm::{Access, GuestRange, Perms, Range, PAGE_SIZE};
 
@@ -389,11 +391,21 @@ fn save_64_mib_timing() {
     for at in (0..1u64 << 30).step_by(64 << 20) {
         space.handle_fault((2 << 30) + at, Access::Read).unwrap();
     }
-    let populated = space.stats().populated_bytes;
+    let stats = space.stats();
+    let populated = stats.populated_bytes;
     let path = TempPath::new("64m");
     let report = save(&path.0, request(&space)).unwrap();
     assert_eq!(report.data_bytes_written, LEN);
     assert_eq!(space.stats().populated_bytes, populated);
+    // Blocks = committed bytes + header + metadata, within a page per extent.
+    let extents = space.extents(r(0, 3 << 30)).unwrap().len() as u64;
+    let meta_pages = report.metadata_bytes.next_multiple_of(PAGE_SIZE);
+    let data_blocks = report.file_blocks_bytes - PAGE_SIZE - meta_pages;
+    assert!(
+        data_blocks.abs_diff(stats.committed_bytes) <= PAGE_SIZE * extents,
+        "data blocks {data_blocks:#x}, committed {:#x}, {extents} extents",
+        stats.committed_bytes
+    );
     eprintln!(
         "saved {} MiB of data ({} MiB populated) in {:?} ({:.0} MiB/s), file blocks {} KiB, metadata {} B",
         LEN / MIB,
@@ -405,4 +417,44 @@ fn save_64_mib_timing() {
     );
     let snap = Snapshot::open(&path.0).unwrap();
     assert_eq!(snap.meta().data, vec![r(ANON, ANON + LEN)]);
+}
+
+#[test]
+fn shared_object_pages_written_by_another_space_are_saved() {
+    // Two spaces map one SharedMemory object; only the other one touched
+    // the page, so this space has no pma there: the bytes come from the
+    // object (translated), and nothing is committed by saving.
+    let (mf, _be, space) = setup("snap-shared");
+    let (_be2, other) = common::space_over(&mf);
+    let obj = SharedMemory::new(mf.clone(), 4 * MIB).unwrap();
+    for s in [&space, &other] {
+        s.map(
+            MapOpts::object(obj.clone() as Arc<dyn Mappable>, 0, 4 * MIB)
+                .fixed(ANON)
+                .shared()
+                .name("shm"),
+        )
+        .unwrap();
+    }
+    other
+        .write_with(ANON + MIB, &pattern(0, PAGE_SIZE, 42), IoOpts::FORCE)
+        .unwrap();
+    assert_eq!(space.stats().populated_bytes, 0);
+    let committed = mf.usage().unwrap().total_committed();
+    let path = TempPath::new("shared");
+    let report = save(&path.0, request(&space)).unwrap();
+    assert_eq!(mf.usage().unwrap().total_committed(), committed);
+    assert_eq!(
+        space.stats().populated_bytes,
+        0,
+        "saving populated the space"
+    );
+    assert_eq!(report.data_bytes_written, PAGE_SIZE);
+    let snap = Snapshot::open(&path.0).unwrap();
+    assert!(snap.meta().vmas[0].object && !snap.meta().vmas[0].private);
+    assert_eq!(
+        snap.meta().data,
+        vec![r(ANON + MIB, ANON + MIB + PAGE_SIZE)]
+    );
+    assert_file_matches_memory(&snap, &space);
 }
