@@ -14,6 +14,7 @@ use guestmm::mm::{IoOpts, MapOpts};
 use guestmm::snapshot::{
     save, working_set_path, write_raw, RawSnapshot, SaveRequest, Snapshot, SnapshotError,
     SnapshotKind, SnapshotMeta, VmaRecord, WorkingSet, DATA_OFFSET, FORMAT_VERSION, HEADER_SIZE,
+    MAX_METADATA,
 };
 use guestmm::{Access, GuestRange, Perms, Range, PAGE_SIZE};
 
@@ -321,6 +322,10 @@ fn impossible_layouts_are_refused() {
             Box::new(|m| m.data.push(r(RAM + 5 * MIB, RAM + 5 * MIB + PAGE_SIZE))),
         ),
         ("kind", Box::new(|m| m.kind = SnapshotKind::Diff)),
+        (
+            "past the data length",
+            Box::new(|m| m.vmas.push(vma(RAM + 64 * MIB, RAM + 65 * MIB))),
+        ),
     ];
     for (i, (what, f)) in cases.into_iter().enumerate() {
         let (_p, err) = raw_with(&format!("snapfmt-layout{i}"), f);
@@ -483,4 +488,25 @@ fn working_set_corruptions_are_refused() {
         Err(SnapshotError::Request { .. })
     ));
     assert!(!path.0.exists());
+}
+
+#[test]
+fn a_huge_declared_metadata_length_is_refused_without_reading_it() {
+    // A sparse file as long as its (valid-checksum) header claims: the
+    // length is refused before anything is allocated.
+    let path = saved("snapfmt-hugemeta");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path.0)
+        .unwrap();
+    let mut head = [0u8; 68];
+    f.read_exact_at(&mut head, 0).unwrap();
+    let meta_offset = u64::from_le_bytes(head[48..56].try_into().unwrap());
+    let huge = MAX_METADATA + PAGE_SIZE;
+    head[56..64].copy_from_slice(&huge.to_le_bytes());
+    f.write_all_at(&head, 0).unwrap();
+    f.write_all_at(&crc32c(&head).to_le_bytes(), 68).unwrap();
+    f.set_len(meta_offset + huge).unwrap();
+    assert_layout(open_err(&path), "metadata length");
 }

@@ -53,6 +53,7 @@ use std::path::PathBuf;
 pub use format::{write_raw, RawSnapshot};
 pub use format::{
     BaseRef, SnapshotKind, SnapshotMeta, VmaRecord, DATA_OFFSET, FORMAT_VERSION, HEADER_SIZE,
+    MAX_METADATA,
 };
 pub use memory::{save, DiffOf, SaveReport, SaveRequest};
 pub use reader::Snapshot;
