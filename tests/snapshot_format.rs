@@ -93,6 +93,17 @@ fn file_len(path: &TempPath) -> u64 {
     std::fs::metadata(&path.0).unwrap().len()
 }
 
+/// The metadata's offset and length, from the header.
+fn meta_section(path: &TempPath) -> (u64, u64) {
+    let f = std::fs::File::open(&path.0).unwrap();
+    let mut b = [0u8; 16];
+    f.read_exact_at(&mut b, 48).unwrap();
+    (
+        u64::from_le_bytes(b[..8].try_into().unwrap()),
+        u64::from_le_bytes(b[8..].try_into().unwrap()),
+    )
+}
+
 fn cut(path: &TempPath, len: u64) {
     std::fs::OpenOptions::new()
         .write(true)
@@ -177,7 +188,8 @@ fn wrong_version_is_refused() {
 #[test]
 fn truncated_in_the_data_is_refused() {
     let path = saved("snapfmt-cutdata");
-    let len = file_len(&path);
+    let (offset, len) = meta_section(&path);
+    let len = offset + len;
     cut(&path, DATA_OFFSET + RAM + MIB);
     match open_err(&path) {
         SnapshotError::Truncated { expected, found } => {
@@ -190,10 +202,16 @@ fn truncated_in_the_data_is_refused() {
 #[test]
 fn truncated_in_the_metadata_is_refused() {
     let path = saved("snapfmt-cutmeta");
-    let len = file_len(&path);
-    cut(&path, len - 10);
+    let (offset, len) = meta_section(&path);
+    let end = offset + len;
+    assert_eq!(
+        file_len(&path),
+        end.next_multiple_of(PAGE_SIZE),
+        "padded to a page"
+    );
+    cut(&path, end - 10);
     assert!(
-        matches!(open_err(&path), SnapshotError::Truncated { expected, found } if expected == len && found == len - 10)
+        matches!(open_err(&path), SnapshotError::Truncated { expected, found } if expected == end && found == end - 10)
     );
 }
 
@@ -228,7 +246,8 @@ fn empty_and_header_only_files_are_refused() {
 #[test]
 fn metadata_checksum_mismatch_is_refused() {
     let path = saved("snapfmt-metacrc");
-    flip(&path, file_len(&path) - 3);
+    let (offset, len) = meta_section(&path);
+    flip(&path, offset + len - 3);
     assert!(matches!(
         open_err(&path),
         SnapshotError::Checksum {
@@ -338,20 +357,12 @@ fn a_crafted_count_cannot_allocate_past_the_file() {
     // Metadata whose first vma count is huge, with a matching checksum:
     // refused as malformed, not attempted.
     let path = saved("snapfmt-count");
-    let snap = Snapshot::open(&path.0).unwrap();
-    let meta_offset = file_len(&path) - {
-        let f = snap.file();
-        let mut h = [0u8; 8];
-        f.read_exact_at(&mut h, 56).unwrap();
-        u64::from_le_bytes(h)
-    };
-    drop(snap);
+    let (meta_offset, meta_len) = meta_section(&path);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&path.0)
         .unwrap();
-    let meta_len = file_len(&path) - meta_offset;
     let mut meta = vec![0u8; meta_len as usize];
     f.read_exact_at(&mut meta, meta_offset).unwrap();
     // kind (1) + id (8) + no base (1) + space size (8), then the vma count.

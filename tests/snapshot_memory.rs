@@ -458,3 +458,62 @@ fn shared_object_pages_written_by_another_space_are_saved() {
     );
     assert_file_matches_memory(&snap, &space);
 }
+
+#[test]
+fn a_snapshot_file_maps_as_a_host_file_and_shows_the_saved_memory() {
+    // What a lazy restore does with the API: the opened file becomes a
+    // HostFile and each saved vma maps it privately at data_offset + gpa.
+    let fx = fixture("snap-remap");
+    let path = TempPath::new("remap");
+    save(&path.0, request(&fx.space)).unwrap();
+    let snap = Snapshot::open(&path.0).unwrap();
+    let (data_offset, meta) = (snap.data_offset(), snap.meta().clone());
+    let hf = HostFile::new(snap.into_file(), false).unwrap();
+    let (_mf, _be, restored) = setup("snap-remap-restored");
+    for v in &meta.vmas {
+        restored
+            .map(
+                MapOpts::object(
+                    hf.clone() as Arc<dyn Mappable>,
+                    data_offset + v.range.start(),
+                    v.range.len(),
+                )
+                .fixed(v.range.start())
+                .max_perms(v.max_perms)
+                .perms(v.protections[0].1)
+                .name(&v.name),
+            )
+            .unwrap();
+        for (pr, p) in &v.protections {
+            restored.protect(pr.start(), pr.len(), *p).unwrap();
+        }
+    }
+    assert_eq!(
+        restored.maps(),
+        fx.space
+            .maps()
+            .iter()
+            .map(|e| {
+                // Offsets differ (object offsets into the snapshot file).
+                let mut e = e.clone();
+                e.offset = data_offset + e.range.start();
+                e
+            })
+            .collect::<Vec<_>>()
+    );
+    for v in &meta.vmas {
+        let mut want = vec![0u8; v.range.len() as usize];
+        fx.space
+            .read_with(v.range.start(), &mut want, IoOpts::FORCE)
+            .unwrap();
+        let mut got = vec![0u8; v.range.len() as usize];
+        restored
+            .read_with(v.range.start(), &mut got, IoOpts::FORCE)
+            .unwrap();
+        assert!(
+            got == want,
+            "restored {} differs from the saved memory",
+            v.name
+        );
+    }
+}

@@ -244,8 +244,9 @@ pub(crate) fn meta_offset(data_offset: u64, data_len: u64) -> u64 {
     (data_offset + data_len).next_multiple_of(PAGE_SIZE)
 }
 
-/// Writes the metadata after the data and then the header (last, so a file
-/// cut short before it has no valid header), with `version` in it.
+/// Writes the metadata after the data, pads the file to a page multiple,
+/// then writes the header (last, so a file cut short before it has no
+/// valid header), with `version` in it.
 /// Returns the metadata's length.
 ///
 /// Preconditions: `file` is at least `data_offset + data_len` long.
@@ -261,6 +262,11 @@ pub(crate) fn write_sections(
     let meta_offset = meta_offset(data_offset, data_len);
     file.write_all_at(&bytes, meta_offset)
         .map_err(|e| SnapshotError::io("writing metadata of", path, e))?;
+    // A whole number of pages, so the file can be mapped as a HostFile
+    // (which wants a page-multiple size) to restore from it.
+    let end = (meta_offset + bytes.len() as u64).next_multiple_of(PAGE_SIZE);
+    file.set_len(end)
+        .map_err(|e| SnapshotError::io("padding", path, e))?;
     let header = Header {
         version,
         kind: meta.kind,

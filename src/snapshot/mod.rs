@@ -25,7 +25,9 @@
 //!  meta_offset       metadata (page aligned, after the data): space size,
 //!                    vmas, device ranges, vCPU and VM blobs, the data index
 //!                    (guest ranges that hold data in this file) and, for a
-//!                    diff, its base's id and file name.
+//!                    diff, its base's id and file name; zero padding to
+//!                    a page multiple (so the file maps as a
+//!                    [`HostFile`](crate::mm::HostFile) for a restore).
 //! ```
 //!
 //! A full snapshot's data index lists what was written (populated, non-zero
