@@ -81,7 +81,7 @@ const CHUNK: usize = 1 << 20;
 
 /// Saves `req` as a snapshot at `path`: written to `path.tmp`, synced and
 /// renamed over `path`, so `path` is either the old file or a complete new
-/// one. Populates and commits no guest memory: bytes are read from the
+/// one (and VMs restored from an old file there keep mapping it). Populates and commits no guest memory: bytes are read from the
 /// files behind the address space with `pread`, skipping their holes.
 ///
 /// A full snapshot writes every non-zero page: populated pages, and the
