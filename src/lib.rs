@@ -192,6 +192,11 @@
 //! - `kvm::emulate` holds no lock of its own: it calls `read_with`,
 //!   `handle_fault` and `SlotTable::slot_at` one at a time, each taking and
 //!   releasing its locks in this order.
+//! - `snapshot::save` holds no lock of its own either: it calls
+//!   `AddressSpace::layout` (`mapping`, read) and `extents` (`mapping`,
+//!   `active`) one at a time, then, with no address-space lock held,
+//!   translates objects (their own lock alone) and takes and drops file
+//!   references (`MemoryFile.inner`) around each read.
 //!
 //! ## Threads
 //!
