@@ -23,6 +23,22 @@
 //! identical to the one set before (Linux ≥ 5.19; older kernels refuse it
 //! outright). Restoring a different CPUID onto a vCPU that ran is
 //! [`StateError::CpuidRejected`]; restoring an identical one works.
+//!
+//! # Pending exits
+//!
+//! KVM finishes an I/O or MMIO exit only on the next `KVM_RUN`: an `out`
+//! is already past at the exit, but an `in` or an MMIO read gets its
+//! register written (and `rip` moved) then. [`Vcpu::save_state`] does that
+//! run with `immediate_exit` set, so the guest does not run.
+//!
+//! # Byte format
+//!
+//! Magic (`GMMVCPU\0`, `GMMVMST\0`), [`FORMAT_VERSION`], then tagged,
+//! length-prefixed sections holding every named field of the KVM
+//! structures little-endian (no struct is reinterpreted as bytes), then an
+//! FNV-1a checksum. Truncated, corrupted or foreign bytes are a
+//! [`StateError`], never a panic. The format is for the host and KVM that
+//! wrote it (or a compatible one: same CPU features, XSAVE size and MSRs).
 
 mod codec;
 mod msrs;
