@@ -195,8 +195,13 @@ fn model_run(kvm: &kvm_ioctls::Kvm, cow: CowMode, merge: MergePolicy, seed: u64,
             8 | 9 => {
                 let off = rng.below(PAGE_SIZE);
                 let bytes = vec![step as u8; rng.range(1, 2 * PAGE_SIZE) as usize];
-                let bytes = &bytes[..bytes.len().min((DEFAULT_RAM_BASE + RAM - gpa - off) as usize)];
-                if space.write_with(gpa + off, bytes, IoOpts::default()).is_ok() {
+                let bytes = &bytes[..bytes
+                    .len()
+                    .min((DEFAULT_RAM_BASE + RAM - gpa - off) as usize)];
+                if space
+                    .write_with(gpa + off, bytes, IoOpts::default())
+                    .is_ok()
+                {
                     model.wrote(gpa + off, bytes.len() as u64);
                     n.host += 1;
                 }
@@ -239,7 +244,9 @@ fn model_run(kvm: &kvm_ioctls::Kvm, cow: CowMode, merge: MergePolicy, seed: u64,
                 model.check(&got, &what(step));
             }
         }
-        space.check_invariants().unwrap_or_else(|e| panic!("{}: {e}", what(step)));
+        space
+            .check_invariants()
+            .unwrap_or_else(|e| panic!("{}: {e}", what(step)));
         vm.slots()
             .check_invariants()
             .unwrap_or_else(|e| panic!("{}: {e}", what(step)));
@@ -378,4 +385,133 @@ fn take_dirty_cost_over_1g_of_slots() {
     );
     vm.stop_dirty_tracking();
     stop_guest(&mut vcpu);
+}
+
+/// The guest for the concurrent check: lap after lap (`rax` = lap number)
+/// it stores the lap in the first word of each of `rsi` pages from `rdi`,
+/// spinning a while after each store. Never exits by itself.
+const LAPS: &[u8] = &[
+    0x48, 0xff, 0xc0, // outer: inc rax
+    0x31, 0xc9, // xor ecx, ecx
+    0x48, 0x89, 0xca, // inner: mov rdx, rcx
+    0x48, 0xc1, 0xe2, 0x0c, // shl rdx, 12
+    0x48, 0x89, 0x04, 0x17, // mov [rdi+rdx], rax
+    0x41, 0xb8, 0x10, 0x27, 0x00, 0x00, // mov r8d, 10000
+    0x49, 0xff, 0xc8, // d: dec r8
+    0x75, 0xfb, // jnz d
+    0x48, 0xff, 0xc1, // inc rcx
+    0x48, 0x39, 0xf1, // cmp rcx, rsi
+    0x72, 0xe2, // jb inner
+    0xeb, 0xdb, // jmp outer
+];
+
+/// A vCPU writes on its own thread while the host takes, reads and
+/// changes slots (protect splits, forks, installs that merge): every page
+/// whose content changed between two reads is reported by the take between
+/// them or by the next one (KVM's log is harvested without pausing, and
+/// before each slot deletion with the vCPUs out).
+#[test]
+fn concurrent_takes_and_slot_changes_lose_nothing() {
+    let Some(kvm) = kvm_or_skip() else { return };
+    const PAGES: u64 = 64;
+    const ROUNDS: usize = 100;
+    for cow in modes() {
+        let opts = GuestVm {
+            vm: VmOptions {
+                cow,
+                slot_merge: MergePolicy::Lazy { max_slots: 4 },
+                fill_dense: None,
+                space: AddressSpaceOptions {
+                    fault_around: PAGE_SIZE,
+                    fault_around_max: 4 * PAGE_SIZE,
+                    size: 4 << 30,
+                    ..AddressSpaceOptions::default()
+                },
+                ..VmOptions::default()
+            },
+            ..GuestVm::default()
+        };
+        let (vm, mut vcpus) = boot_vm(&kvm, LAPS, 1, RAM, opts);
+        let mut vcpu = vcpus.pop().unwrap();
+        let base = DEFAULT_RAM_BASE + MIB;
+        let mut regs = vcpu.fd().get_regs().unwrap();
+        regs.rdi = base;
+        regs.rsi = PAGES;
+        regs.rax = 0;
+        vcpu.fd().set_regs(&regs).unwrap();
+        let space = vm.space().clone();
+        vm.start_dirty_tracking().unwrap();
+        let kicker = vcpu.kicker();
+        let runner = std::thread::spawn(move || loop {
+            match vcpu.run().expect("KVM_RUN") {
+                Exit::Resolved | Exit::Violation(_) => {}
+                Exit::Kicked | Exit::Stopped => return,
+                other => panic!("unexpected exit {other:?}"),
+            }
+        });
+        let read_all = || -> Vec<u64> {
+            (0..PAGES)
+                .map(|i| {
+                    let mut b = [0u8; 8];
+                    space
+                        .read_with(base + i * PAGE_SIZE, &mut b, IoOpts::FORCE)
+                        .unwrap();
+                    u64::from_le_bytes(b)
+                })
+                .collect()
+        };
+        let mut rng = Rng(99);
+        let mut takes: Vec<DirtyPages> = vec![vm.take_dirty().unwrap()];
+        let mut reads: Vec<Vec<u64>> = vec![read_all()];
+        let mut forks = 0;
+        for _ in 0..ROUNDS {
+            match rng.below(4) {
+                0 => {
+                    let p = base + rng.below(PAGES) * PAGE_SIZE;
+                    space.protect(p, 2 * PAGE_SIZE, Perms::READ).unwrap();
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    space.protect(p, 2 * PAGE_SIZE, Perms::ALL).unwrap();
+                }
+                1 if forks < 10 => {
+                    forks += 1;
+                    drop(space.fork(Arc::new(RecordingBackend::new())).unwrap());
+                }
+                _ => {
+                    // Installs beside the region: merges at the budget.
+                    let p = base + (PAGES + rng.below(64)) * PAGE_SIZE;
+                    space.handle_fault(p, Access::Write).unwrap();
+                }
+            }
+            takes.push(vm.take_dirty().unwrap());
+            reads.push(read_all());
+        }
+        takes.push(vm.take_dirty().unwrap());
+        kicker.kick();
+        runner.join().unwrap();
+        let mut changes = 0;
+        for k in 1..reads.len() {
+            for i in 0..PAGES as usize {
+                if reads[k][i] != reads[k - 1][i] {
+                    changes += 1;
+                    let p = base + i as u64 * PAGE_SIZE;
+                    assert!(
+                        takes[k].contains(p) || takes[k + 1].contains(p),
+                        "{cow:?} round {k}: page {p:#x} changed ({} -> {}) but neither take reports it",
+                        reads[k - 1][i],
+                        reads[k][i]
+                    );
+                }
+            }
+        }
+        let stats = vm.slots().stats();
+        eprintln!(
+            "{cow:?} concurrent: {changes} page changes over {ROUNDS} rounds, slot deletes {} (harvested {}), pauses {}",
+            stats.deletes,
+            stats.dirty_harvests_on_delete,
+            vm.slots().pauses()
+        );
+        assert!(changes > ROUNDS, "the guest made progress: {changes}");
+        space.check_invariants().unwrap();
+        vm.slots().check_invariants().unwrap();
+    }
 }
