@@ -88,6 +88,38 @@ fn host_writes_mark_exactly_their_pages() {
 }
 
 #[test]
+fn region_view_accesses_mark_their_pages() {
+    let (_mf, _be, space) = setup("dirty-regions");
+    space.map(MapOpts::anonymous(MIB).fixed(BASE)).unwrap();
+    space.start_dirty_tracking().unwrap();
+    let mem = space.regions(IoOpts::default()).unwrap();
+    mem.write_slice(b"hello", GuestAddress(page(3) + 10))
+        .unwrap();
+    assert_eq!(pages_of(&space.take_dirty().unwrap()), set([page(3)]));
+    // Served as a write (module docs of `regions`): reported too.
+    let mut b = [0u8; 4];
+    mem.read_slice(&mut b, GuestAddress(page(7))).unwrap();
+    assert_eq!(pages_of(&space.take_dirty().unwrap()), set([page(7)]));
+}
+
+#[test]
+fn truncation_marks_the_populated_pages_it_drops() {
+    let (mf, _be, space) = setup("dirty-truncate");
+    let obj = SharedMemory::new(mf.clone(), 8 * PAGE_SIZE).unwrap();
+    // A private mapping: its copies past the new end go too.
+    space
+        .map(MapOpts::object(obj.clone(), 0, 8 * PAGE_SIZE).fixed(BASE))
+        .unwrap();
+    space.write(page(1), b"copy").unwrap();
+    space.write(page(6), b"copy").unwrap();
+    space.start_dirty_tracking().unwrap();
+    obj.truncate(4 * PAGE_SIZE).unwrap();
+    let d = space.take_dirty().unwrap();
+    assert!(d.contains(page(6)) && !d.contains(page(1)), "{d:?}");
+    assert!(d.pages().all(|p| p >= page(4)), "{d:?}");
+}
+
+#[test]
 fn pins_for_write_mark_on_pin_and_unpin() {
     let (_mf, _be, space) = setup("dirty-pin");
     space.map(MapOpts::anonymous(MIB).fixed(BASE)).unwrap();
