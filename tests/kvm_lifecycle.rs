@@ -257,3 +257,30 @@ fn restore_refuses_a_corrupt_snapshot_and_leaves_nothing() {
         "{err:?}"
     );
 }
+
+#[test]
+fn a_parent_protected_by_read_only_slots_and_its_clone_both_pass() {
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
+    let guest = guests::find("lifecycle").unwrap();
+    let (vm, mut vcpus, _mf, out) = boot_to_mark(&kvm, guest, &opts(64), LIFECYCLE_MARK).unwrap();
+    assert!(out.at_mark);
+    let mut c = vm
+        .clone_vm(
+            &kvm,
+            &mut vcpus,
+            CloneOptions {
+                parent: guestmm::mm::ParentProtection::ReadOnly,
+                ..CloneOptions::default()
+            },
+        )
+        .unwrap();
+    // The parent first: its writes must not reach the clone.
+    let out = run_until(&mut vcpus[0], None, TIMEOUT);
+    assert_eq!(out.exit_failure(), None, "parent: {out:?}");
+    let out = run_until(&mut c.vcpus[0], None, TIMEOUT);
+    assert_eq!(out.exit_failure(), None, "clone: {out:?}");
+    vm.space().check_invariants().unwrap();
+    c.vm.space().check_invariants().unwrap();
+}

@@ -62,7 +62,7 @@
 
 use std::process::ExitCode;
 
-use guestmm::kvm::WorkingSetMode;
+use guestmm::kvm::{CloneOptions, WorkingSetMode};
 use guestmm::vmm::guests::{self, Guest, GUESTS};
 use guestmm::vmm::lifecycle;
 use guestmm::vmm::linux::{boot_linux, BootProtocol, LinuxEnd, LinuxOptions};
@@ -513,7 +513,10 @@ fn run_lifecycle(kvm: &kvm_ioctls::Kvm, a: &Args) -> ExitCode {
             .snapshot_at
             .as_ref()
             .map_or(lifecycle::LIFECYCLE_MARK, |(m, _)| *m);
-        steps.push(("clone", lifecycle::clone_at(kvm, guest, &a.opts, mark, n)));
+        steps.push((
+            "clone",
+            lifecycle::clone_at(kvm, guest, &a.opts, mark, n, &CloneOptions::default()),
+        ));
     }
     let mut ok = true;
     for (step, r) in steps {

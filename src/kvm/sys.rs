@@ -131,17 +131,6 @@ impl Reservation {
         }
         Ok(())
     }
-
-    /// Makes `[gpa, gpa + len)` read-only.
-    pub(crate) fn protect_read_only(&self, gpa: u64, len: u64) -> io::Result<()> {
-        let addr = self.check(gpa, len)?;
-        // SAFETY: inside our reservation; changing protections of our own
-        // mappings affects no Rust object.
-        if unsafe { libc::mprotect(addr, len as usize, libc::PROT_READ) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
 }
 
 impl Drop for Reservation {

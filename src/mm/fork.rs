@@ -6,6 +6,26 @@ use std::sync::Arc;
 use super::{AddressSpace, AddressSpaceBackend, MmError};
 use crate::range::GuestRange;
 
+/// How a fork makes the parent's writable private memory trap writes
+/// again (the child installs its own as copy-on-write when it faults or
+/// installs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ParentProtection {
+    /// The backend's copy-on-write protection
+    /// ([`AddressSpaceBackend::write_protect_cow`]): with per-page write
+    /// protection (KVM in userfaultfd mode) every present page is
+    /// protected, so the fork costs a page-table update per populated page
+    /// and later writes copy one page each, natively.
+    #[default]
+    CopyOnWrite,
+    /// Read-only installs ([`AddressSpaceBackend::write_protect`]): for
+    /// KVM, read-only memslots, which cost the same whatever is
+    /// populated; the parent's first write to each fault-around window
+    /// afterwards exits, is completed by the host (not atomic against
+    /// other vCPUs), and re-installs the window as copy-on-write.
+    ReadOnly,
+}
+
 impl AddressSpace {
     /// A new address space with the same vmas, showing its memory through
     /// `backend`.
@@ -18,6 +38,16 @@ impl AddressSpace {
     pub fn fork(
         &self,
         backend: Arc<dyn AddressSpaceBackend>,
+    ) -> Result<Arc<AddressSpace>, MmError> {
+        self.fork_with(backend, ParentProtection::default())
+    }
+
+    /// [`fork`](Self::fork), choosing how this space's backend traps its
+    /// writes to the pages now shared ([`ParentProtection`]).
+    pub fn fork_with(
+        &self,
+        backend: Arc<dyn AddressSpaceBackend>,
+        protection: ParentProtection,
     ) -> Result<Arc<AddressSpace>, MmError> {
         let mapping = self.read_mapping();
         let mut active = self.lock_active();
@@ -69,7 +99,10 @@ impl AddressSpace {
             child_mapping.vmas.merge_all();
         }
         for r in write_protect {
-            self.backend.write_protect_cow(r)?;
+            match protection {
+                ParentProtection::CopyOnWrite => self.backend.write_protect_cow(r)?,
+                ParentProtection::ReadOnly => self.backend.write_protect(r)?,
+            }
         }
         log::debug!("space {}: forked into {}", self.id, child.id);
         Ok(child)

@@ -66,6 +66,7 @@ pub use fill::{
     FillReport, DEFAULT_FILL_MAX_BYTES, DEFAULT_FILL_PERIOD, FILL_PENDING_MAX, FILL_SAMPLE_MAX,
     FILL_SCAN_MAX,
 };
+pub use fork::ParentProtection;
 pub use guest_memory::SpaceMemory;
 pub use hostfile::HostFile;
 pub use io::{IoOpts, Pin};

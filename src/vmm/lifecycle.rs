@@ -342,6 +342,7 @@ pub fn clone_at(
     opts: &RunOptions,
     mark: u32,
     n: u32,
+    clone_opts: &CloneOptions,
 ) -> Result<StepReport, RunError> {
     let mut report = StepReport::new("clone");
     let (vm, mut vcpus, memfile, first) = boot_to_mark(kvm, guest, opts, mark)?;
@@ -356,7 +357,7 @@ pub fn clone_at(
     let mut clones = Vec::new();
     let mut clone_times = Vec::new();
     for _ in 0..n {
-        let c = vm.clone_vm(kvm, &mut vcpus, CloneOptions::default())?;
+        let c = vm.clone_vm(kvm, &mut vcpus, clone_opts.clone())?;
         clone_times.push(c.elapsed);
         clones.push(c);
     }
@@ -374,8 +375,12 @@ pub fn clone_at(
     if let Some(f) = rest.exit_failure() {
         report.fail(format!("the original: {f}"));
     }
+    let first_clone = clone_times.first().copied();
     clone_times.sort();
     report.figure("clones", n);
+    if let Some(t) = first_clone {
+        report.figure("first_clone_us", t.as_micros());
+    }
     report.figure(
         "exit",
         rest.exit_code.map_or("none".into(), |c| c.to_string()),
@@ -441,7 +446,17 @@ pub fn run_all(kvm: &Kvm, opts: &RunOptions) -> Vec<StepReport> {
     if let Some(f) = replayed.failure {
         restored.fail(format!("replay: {f}"));
     }
-    let cloned = or_fail("clone", clone_at(kvm, &guest, opts, LIFECYCLE_MARK, 2));
+    let cloned = or_fail(
+        "clone",
+        clone_at(
+            kvm,
+            &guest,
+            opts,
+            LIFECYCLE_MARK,
+            2,
+            &CloneOptions::default(),
+        ),
+    );
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(crate::snapshot::working_set_path(&path));
     vec![snap, restored, cloned]
