@@ -7,7 +7,7 @@
  *            the counter (page 0, second u64) = 1, r13/r15 and xmm1
  *   MARK 10  the snapshot / clone point (LIFECYCLE_MARK in src/vmm/lifecycle.rs)
  *   MARK 11  registers and counter checked, counter = 2
- *   MARK 12  read pass over the working set done; a quarter written (every
+ *   MARK 12  read pass over the working set (every byte) done; a quarter written (every
  *            fourth 2 MiB chunk: page i's third u64 = i ^ K2); one page per
  *            2 MiB of the other half read as zero; the writes verified
  * Exit codes: 1 RAM too small, 2 r13/r15 wrong, 3 xmm1 wrong, 4 counter
@@ -71,10 +71,21 @@ ENTRY
 	xor ecx, ecx
 2:	mov rdx, rcx
 	shl rdx, 12
-	mov rax, rcx
+	xor eax, eax			/* xor of every u64 of the page */
+	xor edi, edi
+	lea rsi, [r12 + rdx]
+8:	xor rax, [rsi + rdi * 8]
+	xor rax, [rsi + rdi * 8 + 8]
+	add edi, 2
+	cmp edi, 512
+	jb 8b
+	xor rax, rcx			/* want i ^ K1 (page 0: ^ the counter, 2) */
 	xor rax, r8
-	cmp [r12 + rdx], rax
-	jne fail5
+	test rcx, rcx
+	jnz 9f
+	xor rax, 2
+9:	test rax, rax
+	jnz fail5
 	test rcx, 0x600			/* chunk index (i >> 9) % 4 == 0 */
 	jnz 3f
 	mov rax, rcx

@@ -334,7 +334,11 @@ impl Vm {
                 if record.exists() {
                     let ws = WorkingSet::load(&record)?;
                     prefetched_windows = ws.windows.len();
-                    prefetched_bytes = space.prefetch(&ws.windows)?;
+                    // A full snapshot's holes read as zeros: only its data
+                    // is worth reading in ahead (a diff's holes are its
+                    // base's data: fill everything).
+                    let fill = (base.is_none()).then_some(meta.data.as_slice());
+                    prefetched_bytes = space.prefetch(&ws.windows, fill)?;
                 }
             }
             WorkingSetMode::Record => space.start_fault_record(),

@@ -63,21 +63,42 @@ impl AddressSpace {
     }
 
     /// Populates and installs each of `windows` for its access, then fills
-    /// its host page tables (the backend's prefill), so the guest touches
-    /// them without a fault or a host page fault: the replay of a recorded
-    /// working set. Adjacent windows of one access are merged into one
-    /// batch first. Returns the bytes prefetched.
+    /// the host page tables of its parts inside `fill` (all of it if
+    /// `None`; the backend's prefill), so the guest touches them without a
+    /// fault or a host page fault: the replay of a recorded working set.
+    /// Adjacent windows of one access are merged into one batch first.
+    /// A restore passes the snapshot's data ranges as `fill`: filling a
+    /// hole of the snapshot file would only read zeros into the page
+    /// cache. Returns the bytes prefetched.
     ///
     /// Errors: as [`populate`](Self::populate) for the first window that
     /// fails (a window unmapped or protected since it was recorded); the
     /// windows before it stay prefetched.
-    pub fn prefetch(&self, windows: &[(GuestRange, Access)]) -> Result<u64, MmError> {
+    pub fn prefetch(
+        &self,
+        windows: &[(GuestRange, Access)],
+        fill: Option<&[GuestRange]>,
+    ) -> Result<u64, MmError> {
         let mut bytes = 0;
         for (range, access) in coalesce(windows) {
             self.populate(range.start(), range.len(), access)?;
             let writable = access == Access::Write;
-            if let Err(e) = self.backend.prefill(range, writable) {
-                log::debug!("space {}: prefetch fill {range}: {e}", self.id);
+            let parts: Vec<GuestRange> = match fill {
+                None => vec![range],
+                Some(fill) => {
+                    let from = fill.partition_point(|f| f.end() <= range.start());
+                    fill[from..]
+                        .iter()
+                        .take_while(|f| f.start() < range.end())
+                        .map(|f| f.intersect(range))
+                        .filter(|p| !p.is_empty())
+                        .collect()
+                }
+            };
+            for part in parts {
+                if let Err(e) = self.backend.prefill(part, writable) {
+                    log::debug!("space {}: prefetch fill {part}: {e}", self.id);
+                }
             }
             bytes += range.len();
         }

@@ -268,6 +268,7 @@ pub fn snapshot_at(
     report.figure("data_kib", saved.data_bytes_written / 1024);
     report.figure("file_kib", saved.file_blocks_bytes / 1024);
     report.figure("save_ms", saved.elapsed.as_millis());
+    report.figure("run_after_ms", rest.elapsed.as_millis());
     drop(vcpus);
     teardown(vm, Some(&memfile), &mut report);
     Ok(report)
