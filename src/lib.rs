@@ -133,6 +133,20 @@
 //! before every slot deletion (merges, splits, write protection, removal).
 //! A take needs no pause; while tracking, slot deletions pause the vCPUs.
 //!
+//! ## Snapshots, restores and clones
+//!
+//! [`kvm::Vm::snapshot`] pauses the VM and writes a [`snapshot`] file: the
+//! vCPUs' and the VM's KVM state ([`kvm::VcpuState`], [`kvm::VmState`]),
+//! the layout, and the memory by guest-physical address, read through the
+//! files behind it without populating or committing anything (a diff:
+//! only the pages dirty since its base). [`kvm::Vm::restore`] maps the
+//! file privately into a new VM (the guest runs before any of it is read)
+//! and can record, then prefetch, the windows its guest faults in
+//! ([`kvm::WorkingSetMode`]; [`mm::AddressSpace::prefetch`]).
+//! [`kvm::Vm::clone_vm`] forks the address space into a new KVM VM with
+//! the same vCPU state ([`mm::ParentProtection`] chooses how the parent
+//! traps its writes afterwards).
+//!
 //! ## Memslots
 //!
 //! Each window is installed as its own memslot while the VM holds fewer

@@ -20,7 +20,10 @@
 //! - [`walk`]: a software x86-64 page-table walker;
 //! - [`kvm_stats`]: KVM's own counters ([`KvmStats`], `KVM_GET_STATS_FD`);
 //! - [`vcpu_state`]: [`VcpuState`] and [`VmState`], what KVM holds for a
-//!   vCPU and a VM, saved and restored for snapshots and clones.
+//!   vCPU and a VM, saved and restored for snapshots and clones;
+//! - [`lifecycle`]: [`Vm::snapshot`], [`Vm::restore`] (lazy, with
+//!   working-set replay) and [`Vm::save_working_set`]; `clone`:
+//!   [`Vm::clone_vm`].
 //!
 //! # The run gate
 //!
