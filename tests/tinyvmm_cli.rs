@@ -84,6 +84,18 @@ fn bad_arguments_exit_with_status_2_and_a_message() {
             "must be a non-zero multiple of 2",
         ),
         (&["--bogus"][..], "unknown option --bogus"),
+        (
+            &["--diff-at", "11", "/tmp/x.diff"][..],
+            "--diff-at goes with --snapshot-at",
+        ),
+        (
+            &["--record-working-set"][..],
+            "--record-working-set goes with --restore",
+        ),
+        (
+            &["--clone", "2", "all"][..],
+            "take one guest (default lifecycle), not all",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_tinyvmm"))
             .args(args)
@@ -98,4 +110,37 @@ fn bad_arguments_exit_with_status_2_and_a_message() {
             "{args:?}: {text}"
         );
     }
+}
+
+#[test]
+fn snapshot_diff_restore_and_clone_from_the_command_line() {
+    if common::kvm_or_skip().is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("guestmm-cli-lifecycle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let snap = dir.join("vm.snap");
+    let diff = dir.join("vm.diff");
+    let (snap_s, diff_s) = (snap.to_str().unwrap(), diff.to_str().unwrap());
+    let (ok, out) = tinyvmm(&["--snapshot-at", "10", snap_s, "--diff-at", "11", diff_s]);
+    assert!(ok && out.contains("guest snapshot: PASS"), "{out}");
+    let (ok, out) = tinyvmm(&["--restore", snap_s, "--record-working-set"]);
+    assert!(
+        ok && out.contains("guest restore: PASS recorded_windows="),
+        "{out}"
+    );
+    assert!(guestmm::snapshot::working_set_path(&snap).exists());
+    let (ok, out) = tinyvmm(&["--restore", snap_s]);
+    assert!(ok && out.contains("memory_exits=0"), "replay: {out}");
+    let (ok, out) = tinyvmm(&["--restore", diff_s]);
+    assert!(ok && out.contains("guest restore: PASS"), "diff: {out}");
+    let (ok, out) = tinyvmm(&["--clone", "2"]);
+    assert!(ok && out.contains("guest clone: PASS clones=2"), "{out}");
+    // A corrupt snapshot is refused with its reason.
+    let mut bytes = std::fs::read(&snap).unwrap();
+    bytes[20] ^= 1; // inside the header its checksum covers
+    std::fs::write(&snap, &bytes).unwrap();
+    let (ok, out) = tinyvmm(&["--restore", snap_s]);
+    assert!(!ok && out.contains("checksum mismatch"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

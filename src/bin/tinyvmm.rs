@@ -47,7 +47,10 @@
 //! Snapshot, restore and clone (see README, "Snapshots, restores and clones"):
 //!   --snapshot-at MARK PATH  run GUEST (default lifecycle; one vCPU) to MARK, write a
 //!                            snapshot to PATH, run the original on to its exit
-//!   --restore PATH           restore the snapshot at PATH and run it to its exit
+//!   --diff-at MARK PATH      with --snapshot-at: track dirty pages from the snapshot on
+//!                            and write a diff snapshot against it at MARK (a later MARK)
+//!   --restore PATH           restore the snapshot at PATH (a diff: over its base, found
+//!                            by file name next to it) and run it to its exit
 //!                            (replaying PATH.wset, the working set, if there is one)
 //!   --record-working-set     with --restore: record the windows the guest faults in
 //!                            and save them to PATH.wset for later restores
@@ -82,6 +85,8 @@ struct Args {
     linux: Option<LinuxOptions>,
     /// `--snapshot-at MARK PATH`.
     snapshot_at: Option<(u32, std::path::PathBuf)>,
+    /// `--diff-at MARK PATH`.
+    diff_at: Option<(u32, std::path::PathBuf)>,
     /// `--restore PATH`.
     restore: Option<std::path::PathBuf>,
     /// `--record-working-set`.
@@ -98,7 +103,8 @@ const USAGE: &str = "usage: tinyvmm [--ram-mib N] [--vcpus N] [--fault-around-ki
 [--fault-around-max-kib N] [--eager] [--max-slots N] [--lazy-merge N|--eager-merge] [--cow MODE] [--memfile-max-mib N] \
 [--timeout-s N] [--image FILE [--template-kib N] [--expect-violations N] [--ends-in-violation]] \
 [--stats] [--json] [--list] [-v|-vv] [GUEST|all]...
-       tinyvmm [--snapshot-at MARK PATH] [--restore PATH [--record-working-set]] [--clone N] [GUEST]
+       tinyvmm [--snapshot-at MARK PATH [--diff-at MARK PATH]] [--restore PATH [--record-working-set]] \
+[--clone N] [GUEST]
        tinyvmm --kernel VMLINUX [--cmdline TEXT] [--initrd FILE] [--pvh] [--stop-at TEXT] \
 [--keep-cpuid] [--ram-mib N] [--eager] [--timeout-s N] [-v|-vv]";
 
@@ -114,6 +120,7 @@ fn parse() -> Result<Args, String> {
         ends_in_violation: false,
         linux: None,
         snapshot_at: None,
+        diff_at: None,
         restore: None,
         record_working_set: false,
         clone: None,
@@ -176,6 +183,11 @@ fn parse() -> Result<Args, String> {
                 let path = it.next().ok_or("--snapshot-at needs MARK and PATH")?;
                 a.snapshot_at = Some((mark, path.into()));
             }
+            "--diff-at" => {
+                let mark = num(&mut it, &arg)? as u32;
+                let path = it.next().ok_or("--diff-at needs MARK and PATH")?;
+                a.diff_at = Some((mark, path.into()));
+            }
             "--restore" => a.restore = Some(it.next().ok_or("--restore needs a PATH")?.into()),
             "--record-working-set" => a.record_working_set = true,
             "--clone" => a.clone = Some(num(&mut it, &arg)? as u32),
@@ -222,6 +234,9 @@ fn parse() -> Result<Args, String> {
         }
     }
     let lifecycle = a.snapshot_at.is_some() || a.restore.is_some() || a.clone.is_some();
+    if a.diff_at.is_some() && a.snapshot_at.is_none() {
+        return Err("--diff-at goes with --snapshot-at (its base)".into());
+    }
     if a.record_working_set && a.restore.is_none() {
         return Err("--record-working-set goes with --restore PATH".into());
     }
@@ -495,9 +510,10 @@ fn run_lifecycle(kvm: &kvm_ioctls::Kvm, a: &Args) -> ExitCode {
     };
     let mut steps = Vec::new();
     if let Some((mark, path)) = &a.snapshot_at {
+        let diff = a.diff_at.as_ref().map(|(m, p)| (*m, p.as_path()));
         steps.push((
             "snapshot",
-            lifecycle::snapshot_at(kvm, guest, &a.opts, *mark, path),
+            lifecycle::snapshot_at(kvm, guest, &a.opts, *mark, path, diff),
         ));
     }
     if let Some(path) = &a.restore {

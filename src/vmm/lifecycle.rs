@@ -230,13 +230,16 @@ fn teardown(vm: Arc<Vm>, memfile: Option<&MemoryFile>, report: &mut StepReport) 
 }
 
 /// `guest snapshot:` — boots `guest`, runs it to MARK `mark`, writes a
-/// full snapshot to `path`, then runs the original on to its EXIT.
+/// full snapshot to `path`, then runs the original on to its EXIT; with
+/// `diff` = `(MARK2, PATH2)`, dirty tracking runs from the full snapshot
+/// on and a diff snapshot against it is written at MARK2.
 pub fn snapshot_at(
     kvm: &Kvm,
     guest: &Guest,
     opts: &RunOptions,
     mark: u32,
     path: &Path,
+    diff: Option<(u32, &Path)>,
 ) -> Result<StepReport, RunError> {
     let mut report = StepReport::new("snapshot");
     let (vm, mut vcpus, memfile, first) = boot_to_mark(kvm, guest, opts, mark)?;
@@ -248,6 +251,9 @@ pub fn snapshot_at(
         teardown(vm, Some(&memfile), &mut report);
         return Ok(report);
     }
+    if diff.is_some() {
+        vm.start_dirty_tracking()?;
+    }
     let committed_before = vm.space().stats().committed_bytes;
     let saved = vm.snapshot(&mut vcpus, path, SnapshotMode::Full)?;
     let committed_after = vm.space().stats().committed_bytes;
@@ -255,6 +261,20 @@ pub fn snapshot_at(
         report.fail(format!(
             "saving committed memory: {committed_before} -> {committed_after} bytes"
         ));
+    }
+    if let Some((mark2, diff_path)) = diff {
+        let to = run_until(&mut vcpus[0], Some(mark2), opts.timeout);
+        if to.at_mark {
+            let base = path.to_path_buf();
+            let d = vm.snapshot(&mut vcpus, diff_path, SnapshotMode::Diff { base })?;
+            report.figure("diff_data_kib", d.data_bytes_written / 1024);
+            report.figure("diff_file_kib", d.file_blocks_bytes / 1024);
+        } else {
+            report.fail(format!(
+                "did not reach MARK {mark2} for the diff: {}",
+                to.exit_failure().unwrap_or_default()
+            ));
+        }
     }
     let rest = run_until(&mut vcpus[0], None, opts.timeout);
     if let Some(f) = rest.exit_failure() {
@@ -407,8 +427,9 @@ pub fn clone_at(
 }
 
 /// `make run`'s lifecycle: the `lifecycle` guest snapshotted at its MARK
-/// into a temporary file, restored twice (recording its working set, then
-/// replaying it: one `guest restore:` line for both), and cloned twice.
+/// into a temporary file (and a diff at the next MARK), restored twice
+/// (recording its working set, then replaying it) and from the diff (one
+/// `guest restore:` line for the three), and cloned twice.
 /// The files are removed afterwards.
 pub fn run_all(kvm: &Kvm, opts: &RunOptions) -> Vec<StepReport> {
     let guest = super::guests::find("lifecycle").copied();
@@ -425,9 +446,17 @@ pub fn run_all(kvm: &Kvm, opts: &RunOptions) -> Vec<StepReport> {
         s.fail("no lifecycle guest".into());
         return vec![s];
     };
+    let diff = path.with_extension("diff");
     let snap = or_fail(
         "snapshot",
-        snapshot_at(kvm, &guest, opts, LIFECYCLE_MARK, &path),
+        snapshot_at(
+            kvm,
+            &guest,
+            opts,
+            LIFECYCLE_MARK,
+            &path,
+            Some((LIFECYCLE_MARK + 1, &diff)),
+        ),
     );
     let mut restored = or_fail("restore", restore(kvm, &path, opts, WorkingSetMode::Record));
     let replayed = or_fail("restore", restore(kvm, &path, opts, WorkingSetMode::Replay));
@@ -447,6 +476,14 @@ pub fn run_all(kvm: &Kvm, opts: &RunOptions) -> Vec<StepReport> {
     if let Some(f) = replayed.failure {
         restored.fail(format!("replay: {f}"));
     }
+    // The diff, over the full snapshot (found by its file name).
+    let from_diff = or_fail("restore", restore(kvm, &diff, opts, WorkingSetMode::Off));
+    if let Some((_, v)) = from_diff.figures.iter().find(|(k, _)| *k == "exit") {
+        restored.figure("diff_exit", v.clone());
+    }
+    if let Some(f) = from_diff.failure {
+        restored.fail(format!("diff: {f}"));
+    }
     let cloned = or_fail(
         "clone",
         clone_at(
@@ -459,6 +496,7 @@ pub fn run_all(kvm: &Kvm, opts: &RunOptions) -> Vec<StepReport> {
         ),
     );
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&diff);
     let _ = std::fs::remove_file(crate::snapshot::working_set_path(&path));
     vec![snap, restored, cloned]
 }
