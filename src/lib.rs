@@ -120,6 +120,19 @@
 //!   privately) keep read-only slots and chunk-granular copies, as in the
 //!   other mode.
 //!
+//! ## Dirty tracking
+//!
+//! [`mm::AddressSpace::start_dirty_tracking`] /
+//! [`take_dirty`](mm::AddressSpace::take_dirty) (and the same on
+//! [`kvm::Vm`]) report which 4 KiB pages changed since the last take, as a
+//! sparse [`dirty::DirtyPages`]. Host-side changes (writes, zeroing, pins
+//! for write, copy-on-write page breaks, pages dropped by decommit, unmap
+//! or truncation) mark a shared [`dirty::DirtyLog`] as they happen; the
+//! guest's writes are KVM's dirty bitmap on writable memslots, harvested
+//! into the same log by each take and, so that no bit dies with its slot,
+//! before every slot deletion (merges, splits, write protection, removal).
+//! A take needs no pause; while tracking, slot deletions pause the vCPUs.
+//!
 //! ## Memslots
 //!
 //! Each window is installed as its own memslot while the VM holds fewer
@@ -192,6 +205,11 @@
 //! - `kvm::emulate` holds no lock of its own: it calls `read_with`,
 //!   `handle_fault` and `SlotTable::slot_at` one at a time, each taking and
 //!   releasing its locks in this order.
+//! - `snapshot::save` holds no lock of its own either: it calls
+//!   `AddressSpace::layout` (`mapping`, read) and `extents` (`mapping`,
+//!   `active`) one at a time, then, with no address-space lock held,
+//!   translates objects (their own lock alone) and takes and drops file
+//!   references (`MemoryFile.inner`) around each read.
 //!
 //! ## Threads
 //!

@@ -90,7 +90,8 @@
 //! slot's guest-physical address.
 //!
 //! KVM frees a slot's log with the slot, so **every deletion of a writable
-//! slot harvests it first**, under the table's lock: merges, splits,
+//! slot harvests it first** (if that harvest fails, the whole slot is
+//! reported dirty: over-reporting, never a loss), under the table's lock: merges, splits,
 //! write-protection (a fork's `write_protect_cow` in read-only-slot mode
 //! too), removals, and the table's drop. A guest write between that
 //! harvest and the deletion would be lost, so while logging, every plan
@@ -683,7 +684,13 @@ impl SlotTable {
         };
         let log = st.dirty.is_some();
         for (r, slot) in plan.delete {
-            self.harvest_slot_locked(st, r, slot, true)?;
+            if let Err(e) = self.harvest_slot_locked(st, r, slot, true) {
+                // Never lose a page: report the whole slot instead.
+                log::error!("harvesting slot {} at {r} before deleting it: {e}", slot.id);
+                if let Some(sink) = &st.dirty {
+                    sink.mark(r);
+                }
+            }
             self.set_region(slot.id, r, slot.writable, log, true)?;
             st.slots.remove(r.start());
             st.free_ids.push(slot.id);
@@ -1048,6 +1055,9 @@ impl Drop for SlotTable {
             // Nobody runs the guest any more; the sink may outlive us.
             if let Err(e) = self.harvest_slot_locked(st, r, s, true) {
                 log::error!("harvesting slot {} at {r} on drop: {e}", s.id);
+                if let Some(sink) = &st.dirty {
+                    sink.mark(r);
+                }
             }
             if let Err(e) = self.set_region(s.id, r, s.writable, log, true) {
                 log::error!("deleting slot {} at {r} on drop: {e}", s.id);

@@ -23,19 +23,43 @@
 //! identical to the one set before (Linux ≥ 5.19; older kernels refuse it
 //! outright). Restoring a different CPUID onto a vCPU that ran is
 //! [`StateError::CpuidRejected`]; restoring an identical one works.
+//!
+//! # Pending exits
+//!
+//! KVM finishes an I/O or MMIO exit only on the next `KVM_RUN`: an `out`
+//! is already past at the exit, but an `in` or an MMIO read gets its
+//! register written (and `rip` moved) then. [`Vcpu::save_state`] does that
+//! run with `immediate_exit` set, so the guest does not run.
+//!
+//! # Byte format
+//!
+//! Magic (`GMMVCPU\0`, `GMMVMST\0`), [`FORMAT_VERSION`], then tagged,
+//! length-prefixed sections holding every named field of the KVM
+//! structures little-endian (no struct is reinterpreted as bytes), then an
+//! FNV-1a checksum. Truncated, corrupted or foreign bytes are a
+//! [`StateError`], never a panic. The format is for the host and KVM that
+//! wrote it (or a compatible one: same CPU features, XSAVE size and MSRs).
 
 mod codec;
+mod msrs;
+mod sys;
+#[cfg(test)]
+mod tests;
+mod vm_state;
+
+pub use msrs::SAVED_MSRS;
+pub use vm_state::VmState;
 
 use std::fmt;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave,
-    KVM_MAX_CPUID_ENTRIES,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, CpuId, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Cap, VcpuFd, VmFd};
 
 use self::codec::{malformed, Reader, Section, Writer};
+use self::msrs::{get_msrs, set_msrs};
+use self::sys::{get_xsave, set_xsave, xsave_size, MAX_XSAVE_WORDS, XSAVE_LEGACY};
 use super::Vcpu;
 
 /// Why a state could not be saved, restored or decoded.
@@ -133,71 +157,6 @@ fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
     move |source| StateError::Kvm { op, source }
 }
 
-/// The MSRs saved, in restore order (`IA32_TSC` before the MSRs whose
-/// meaning depends on it). KVM reads those it knows; the rest are left
-/// out of the state (see [`VcpuState::msrs`]). From Firecracker's and
-/// Cloud Hypervisor's lists; `EFER` and `APIC_BASE` are in sregs.
-pub const SAVED_MSRS: &[u32] = &[
-    0x0000_0010, // IA32_TSC
-    0x0000_003b, // IA32_TSC_ADJUST
-    0x0000_0174, // IA32_SYSENTER_CS
-    0x0000_0175, // IA32_SYSENTER_ESP
-    0x0000_0176, // IA32_SYSENTER_EIP
-    0xc000_0081, // STAR
-    0xc000_0082, // LSTAR
-    0xc000_0083, // CSTAR
-    0xc000_0084, // SFMASK
-    0xc000_0102, // KERNEL_GS_BASE
-    0xc000_0103, // TSC_AUX
-    0x0000_0277, // IA32_PAT
-    0x0000_01a0, // IA32_MISC_ENABLE
-    0x0000_0048, // IA32_SPEC_CTRL
-    0x0000_0da0, // IA32_XSS
-    0x0000_02ff, // MTRR_DEF_TYPE
-    0x0000_0250, // MTRR_FIX64K_00000
-    0x0000_0258, // MTRR_FIX16K_80000
-    0x0000_0259, // MTRR_FIX16K_A0000
-    0x0000_0268, // MTRR_FIX4K_C0000 .. F8000
-    0x0000_0269,
-    0x0000_026a,
-    0x0000_026b,
-    0x0000_026c,
-    0x0000_026d,
-    0x0000_026e,
-    0x0000_026f,
-    0x0000_0200, // MTRR_PHYSBASE0 / PHYSMASK0 .. 7
-    0x0000_0201,
-    0x0000_0202,
-    0x0000_0203,
-    0x0000_0204,
-    0x0000_0205,
-    0x0000_0206,
-    0x0000_0207,
-    0x0000_0208,
-    0x0000_0209,
-    0x0000_020a,
-    0x0000_020b,
-    0x0000_020c,
-    0x0000_020d,
-    0x0000_020e,
-    0x0000_020f,
-    0x0000_0011, // KVM_WALL_CLOCK
-    0x0000_0012, // KVM_SYSTEM_TIME
-    0x4b56_4d00, // KVM_WALL_CLOCK_NEW
-    0x4b56_4d01, // KVM_SYSTEM_TIME_NEW
-    0x4b56_4d02, // KVM_ASYNC_PF_EN
-    0x4b56_4d03, // KVM_STEAL_TIME
-    0x4b56_4d04, // KVM_PV_EOI_EN
-    0x4b56_4d05, // KVM_POLL_CONTROL
-    0x4b56_4d06, // KVM_ASYNC_PF_INT
-    0x0000_06e0, // IA32_TSC_DEADLINE (in-kernel LAPIC only; after IA32_TSC)
-];
-
-/// XSAVE areas larger than this are refused as malformed (AMX needs ~11 KiB).
-const MAX_XSAVE_WORDS: usize = 64 << 10;
-/// The legacy `kvm_xsave` size.
-const XSAVE_LEGACY: usize = std::mem::size_of::<kvm_xsave>();
-
 /// Everything KVM holds for one vCPU that a restored or cloned vCPU needs
 /// (see the [module docs](self)).
 #[derive(Clone, PartialEq)]
@@ -238,7 +197,6 @@ impl fmt::Debug for VcpuState {
 }
 
 const VCPU_MAGIC: &[u8; 8] = b"GMMVCPU\0";
-const VM_MAGIC: &[u8; 8] = b"GMMVMST\0";
 
 /// Section tags of a [`VcpuState`].
 mod tag {
@@ -286,6 +244,11 @@ impl VcpuState {
     /// Whether the LAPIC was saved (the VM has an in-kernel irqchip).
     pub fn has_lapic(&self) -> bool {
         self.lapic.is_some()
+    }
+
+    /// The LAPIC's registers, if the VM has an in-kernel irqchip.
+    pub fn lapic(&self) -> Option<&kvm_lapic_state> {
+        self.lapic.as_ref()
     }
 
     /// The state as bytes (format version [`FORMAT_VERSION`]).
@@ -396,11 +359,6 @@ const NEEDS_COMPLETION: &[u32] = &[
     kvm_bindings::KVM_EXIT_XEN,
 ];
 
-/// `KVM_RUN`'s request number (kvm-ioctls does not export it).
-mod ioctl {
-    vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
-}
-
 impl Vcpu {
     /// Saves the vCPU's state. If its last exit was an I/O or MMIO exit
     /// (or another KVM completes on the next run), a `KVM_RUN` with
@@ -481,16 +439,7 @@ impl Vcpu {
         if let Some(l) = &state.lapic {
             fd.set_lapic(l).map_err(kvm("KVM_SET_LAPIC"))?;
         }
-        let msrs =
-            Msrs::from_entries(&state.msrs).map_err(|e| malformed(format!("msrs: {e:?}")))?;
-        let set = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
-        if set != state.msrs.len() {
-            return Err(StateError::MsrsRejected {
-                set,
-                total: state.msrs.len(),
-                index: state.msrs[set].index,
-            });
-        }
+        set_msrs(fd, &state.msrs)?;
         fd.set_vcpu_events(&state.events)
             .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
@@ -506,14 +455,8 @@ impl Vcpu {
         if !NEEDS_COMPLETION.contains(&run.exit_reason) {
             return Ok(());
         }
-        run.immediate_exit = 1;
-        // SAFETY: KVM_RUN takes no argument; what it writes is this vCPU's
-        // `kvm_run` mapping, which `&mut self` holds exclusively (no
-        // reference into it is alive).
-        let ret = unsafe { vmm_sys_util::ioctl::ioctl(self.fd(), ioctl::KVM_RUN()) };
-        let err = (ret != 0).then(vmm_sys_util::errno::Error::last);
+        let err = sys::run_with_immediate_exit(self).err();
         let run = self.kvm_run();
-        run.immediate_exit = 0;
         match err {
             Some(e) if e.errno() == libc::EINTR => Ok(()),
             Some(e) => Err(kvm("KVM_RUN (immediate exit)")(e)),
@@ -521,154 +464,5 @@ impl Vcpu {
                 reason: run.exit_reason,
             }),
         }
-    }
-}
-
-/// The XSAVE area size KVM uses on this VM (`KVM_CAP_XSAVE2`, at least
-/// the legacy 4 KiB).
-fn xsave_size(vm: &VmFd) -> usize {
-    usize::try_from(vm.check_extension_int(Cap::Xsave2))
-        .unwrap_or(0)
-        .max(XSAVE_LEGACY)
-}
-
-/// A FAM-extended `kvm_xsave2` of `size` bytes.
-fn xsave2_of(size: usize) -> Result<Xsave> {
-    Xsave::new((size - XSAVE_LEGACY).div_ceil(4))
-        .map_err(|e| malformed(format!("xsave area of {size} bytes: {e:?}")))
-}
-
-fn get_xsave(fd: &VcpuFd, size: usize) -> Result<Vec<u32>> {
-    if size <= XSAVE_LEGACY {
-        return Ok(fd
-            .get_xsave()
-            .map_err(kvm("KVM_GET_XSAVE"))?
-            .region
-            .to_vec());
-    }
-    let mut x = xsave2_of(size)?;
-    // SAFETY: `x` holds `size` bytes, KVM_CAP_XSAVE2's size for this VM,
-    // which is what KVM_GET_XSAVE2 writes.
-    unsafe { fd.get_xsave2(&mut x) }.map_err(kvm("KVM_GET_XSAVE2"))?;
-    let mut words = x.as_fam_struct_ref().xsave.region.to_vec();
-    words.extend_from_slice(x.as_slice());
-    Ok(words)
-}
-
-fn set_xsave(fd: &VcpuFd, size: usize, words: &[u32]) -> Result<()> {
-    if words.len() * 4 > size {
-        return Err(StateError::XsaveTooLarge {
-            saved: words.len() * 4,
-            host: size,
-        });
-    }
-    let (legacy, extra) = words.split_at(words.len().min(XSAVE_LEGACY / 4));
-    if size <= XSAVE_LEGACY {
-        let mut x = kvm_xsave::default();
-        x.region[..legacy.len()].copy_from_slice(legacy);
-        // SAFETY: KVM reads KVM_CAP_XSAVE2's size for this VM, which is
-        // the legacy size here: all of `x`.
-        return unsafe { fd.set_xsave(&x) }.map_err(kvm("KVM_SET_XSAVE"));
-    }
-    let mut x = xsave2_of(size)?;
-    // SAFETY: writing plain integers into the area `x` owns.
-    unsafe { x.as_mut_fam_struct() }.xsave.region[..legacy.len()].copy_from_slice(legacy);
-    x.as_mut_slice()[..extra.len()].copy_from_slice(extra);
-    // SAFETY: `x` holds `size` bytes, KVM_CAP_XSAVE2's size for this VM,
-    // which is what KVM_SET_XSAVE reads.
-    unsafe { fd.set_xsave2(&x) }.map_err(kvm("KVM_SET_XSAVE2"))
-}
-
-/// Reads [`SAVED_MSRS`]. `KVM_GET_MSRS` stops at the first MSR it cannot
-/// read: that one is dropped and the read resumes after it (one extra
-/// ioctl per MSR this host's KVM does not know).
-fn get_msrs(fd: &VcpuFd) -> Result<Vec<kvm_msr_entry>> {
-    let mut out = Vec::with_capacity(SAVED_MSRS.len());
-    let mut rest = SAVED_MSRS;
-    while !rest.is_empty() {
-        let entries: Vec<kvm_msr_entry> = rest
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs =
-            Msrs::from_entries(&entries).map_err(|e| malformed(format!("msrs: {e:?}")))?;
-        let n = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
-        out.extend_from_slice(&msrs.as_slice()[..n.min(rest.len())]);
-        if n < rest.len() {
-            log::trace!("KVM_GET_MSRS: MSR {:#x} not readable, skipped", rest[n]);
-        }
-        rest = rest.get(n + 1..).unwrap_or(&[]);
-    }
-    Ok(out)
-}
-
-/// VM-wide KVM state a restored VM needs: the kvm-clock. An in-kernel
-/// irqchip's and PIT's state belong to the VMM that created them, as does
-/// guest memory (see the [module docs](self)).
-#[derive(Clone, Debug, PartialEq)]
-pub struct VmState {
-    clock: kvm_clock_data,
-}
-
-impl VmState {
-    /// Saves the VM's kvm-clock (`KVM_GET_CLOCK`).
-    pub fn save(vm: &VmFd) -> Result<VmState> {
-        let clock = vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
-        Ok(VmState { clock })
-    }
-
-    /// Sets the VM's kvm-clock to the saved value (`KVM_SET_CLOCK`): the
-    /// guest's clock continues from where it was saved, without counting
-    /// the time in between (no `KVM_CLOCK_REALTIME` adjustment). Restore
-    /// before the vCPUs first run.
-    pub fn restore(&self, vm: &VmFd) -> Result<()> {
-        let clock = kvm_clock_data {
-            clock: self.clock.clock,
-            ..Default::default()
-        };
-        vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))
-    }
-
-    /// The saved kvm-clock, in nanoseconds.
-    pub fn clock_ns(&self) -> u64 {
-        self.clock.clock
-    }
-
-    /// The state as bytes (format version [`FORMAT_VERSION`]).
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let c = &self.clock;
-        let mut w = Writer::new(VM_MAGIC);
-        w.section(tag::CLOCK, |w| {
-            w.u64(c.clock);
-            w.u32(c.flags);
-            w.u32(c.pad0);
-            w.u64(c.realtime);
-            w.u64(c.host_tsc);
-            c.pad.iter().for_each(|&p| w.u32(p));
-        });
-        w.finish()
-    }
-
-    /// Decodes [`to_bytes`](Self::to_bytes)' output. Truncated, corrupted
-    /// or foreign bytes are an error, never a panic.
-    pub fn from_bytes(bytes: &[u8]) -> Result<VmState> {
-        let sections = codec::sections(bytes, VM_MAGIC, "VM state")?;
-        if let Some(s) = sections.iter().find(|s| s.tag != tag::CLOCK) {
-            return Err(malformed(format!("VM state: unknown section {}", s.tag)));
-        }
-        let clock = parse(&sections, tag::CLOCK, "clock", |r| {
-            Ok(kvm_clock_data {
-                clock: r.u64()?,
-                flags: r.u32()?,
-                pad0: r.u32()?,
-                realtime: r.u64()?,
-                host_tsc: r.u64()?,
-                pad: [r.u32()?, r.u32()?, r.u32()?, r.u32()?],
-            })
-        })?;
-        Ok(VmState { clock })
     }
 }

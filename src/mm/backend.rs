@@ -341,6 +341,14 @@ impl RecordingBackend {
         }
     }
 
+    /// A change that would delete KVM slots: their log goes with them, so
+    /// it is harvested first (a KVM slot's log dies with the slot; the
+    /// simulated one is dropped the same way after the harvest).
+    fn retire_log_locked(s: &mut Recording) {
+        Self::harvest_locked(s);
+        s.guest_log.clear();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Recording> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -367,7 +375,7 @@ impl AddressSpaceBackend for RecordingBackend {
             file_offset,
             writable,
         });
-        Self::harvest_locked(&mut s);
+        Self::retire_log_locked(&mut s);
         s.installed.remove_range(range);
         s.installed
             .insert(
@@ -385,7 +393,7 @@ impl AddressSpaceBackend for RecordingBackend {
     fn remove(&self, range: GuestRange) -> Result<(), BackendError> {
         let mut s = self.lock();
         s.calls.push(BackendCall::Remove { range });
-        Self::harvest_locked(&mut s);
+        Self::retire_log_locked(&mut s);
         s.installed.remove_range(range);
         Ok(())
     }
@@ -393,7 +401,7 @@ impl AddressSpaceBackend for RecordingBackend {
     fn write_protect(&self, range: GuestRange) -> Result<(), BackendError> {
         let mut s = self.lock();
         s.calls.push(BackendCall::WriteProtect { range });
-        Self::harvest_locked(&mut s);
+        Self::retire_log_locked(&mut s);
         // The range may have holes; protect each installed piece.
         let pieces: Vec<GuestRange> = s.installed.iter_range(range).map(|(r, _)| r).collect();
         for piece in pieces {

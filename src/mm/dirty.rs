@@ -32,8 +32,11 @@
 //! (`KVM_GET_DIRTY_LOG`): a bit set before that is in the sink before the
 //! sink is emptied, a bit set after stays in KVM's log, harvested by the
 //! next take or moved into the sink when the slot is deleted. So every
-//! write is reported by the first take that starts after it completes, at
-//! the latest by the one after.
+//! write is reported by the first take that starts after it completes or,
+//! where the CPU buffers the log per vCPU (Intel PML: KVM flushes the
+//! buffer when the vCPU exits, and a harvest kicks running vCPUs without
+//! waiting for them), by the take after. For a diff snapshot: take, then
+//! copy the pages; a page changed after its copy is in a later take.
 //!
 //! What is not seen: writes through host mappings the mm core handed out
 //! earlier and that outlive a take (a `SpaceMemory` slice or a

@@ -18,6 +18,12 @@ pub const HEADER_SIZE: u64 = PAGE_SIZE;
 /// file).
 pub const DATA_OFFSET: u64 = HUGE_PAGE_SIZE;
 
+/// The largest metadata section `open` reads: far above what any layout
+/// needs (vmas, blobs and the data index of a real VM take kilobytes to a
+/// few megabytes), and a bound on what a crafted header in a large sparse
+/// file can make `open` allocate.
+pub const MAX_METADATA: u64 = 256 << 20;
+
 /// Bytes of the header covered by its checksum (the checksum follows).
 const HEADER_USED: usize = 68;
 
@@ -215,6 +221,12 @@ impl Header {
         if self.data_len % PAGE_SIZE != 0 {
             return bad(format!("data length {:#x} unaligned", self.data_len));
         }
+        if self.meta_len > MAX_METADATA {
+            return bad(format!(
+                "metadata length {:#x} above the limit {MAX_METADATA:#x}",
+                self.meta_len
+            ));
+        }
         let data_end = self.data_offset.checked_add(self.data_len);
         let meta_end = self.meta_offset.checked_add(self.meta_len);
         match (data_end, meta_end) {
@@ -232,8 +244,9 @@ pub(crate) fn meta_offset(data_offset: u64, data_len: u64) -> u64 {
     (data_offset + data_len).next_multiple_of(PAGE_SIZE)
 }
 
-/// Writes the metadata after the data and then the header (last, so a file
-/// cut short before it has no valid header), with `version` in it.
+/// Writes the metadata after the data, pads the file to a page multiple,
+/// then writes the header (last, so a file cut short before it has no
+/// valid header), with `version` in it.
 /// Returns the metadata's length.
 ///
 /// Preconditions: `file` is at least `data_offset + data_len` long.
@@ -249,8 +262,10 @@ pub(crate) fn write_sections(
     let meta_offset = meta_offset(data_offset, data_len);
     file.write_all_at(&bytes, meta_offset)
         .map_err(|e| SnapshotError::io("writing metadata of", path, e))?;
-    // A whole number of pages: the file is mapped whole by a restore.
-    file.set_len((meta_offset + bytes.len() as u64).next_multiple_of(PAGE_SIZE))
+    // A whole number of pages, so the file can be mapped as a HostFile
+    // (which wants a page-multiple size) to restore from it.
+    let end = (meta_offset + bytes.len() as u64).next_multiple_of(PAGE_SIZE);
+    file.set_len(end)
         .map_err(|e| SnapshotError::io("padding", path, e))?;
     let header = Header {
         version,
@@ -326,7 +341,7 @@ pub(crate) fn check_sorted(what: &str, ranges: &[GuestRange]) -> Result<(), Snap
 
 impl SnapshotMeta {
     /// Checks that the layout is one an address space can have and that the
-    /// data lies inside it and inside `data_len` bytes of data.
+    /// vmas and the data lie inside `data_len` bytes of data.
     pub(crate) fn validate(&self, data_len: u64) -> Result<(), SnapshotError> {
         let bad = |why: String| Err(SnapshotError::layout(why));
         if self.space_size == 0 || self.space_size % PAGE_SIZE != 0 {
@@ -344,6 +359,14 @@ impl SnapshotMeta {
         for v in &self.vmas {
             if v.range.end() > self.space_size {
                 return bad(format!("vma {} outside the space", v.range));
+            }
+            // A restore maps the data area for each vma: it must lie in the
+            // file, or touching it would be a bus error.
+            if v.range.end() > data_len {
+                return bad(format!(
+                    "vma {} past the data length {data_len:#x}",
+                    v.range
+                ));
             }
             let regions: Vec<GuestRange> = v.protections.iter().map(|p| p.0).collect();
             check_sorted("protection region", &regions)?;

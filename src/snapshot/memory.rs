@@ -81,10 +81,25 @@ const CHUNK: usize = 1 << 20;
 
 /// Saves `req` as a snapshot at `path`: written to `path.tmp`, synced and
 /// renamed over `path`, so `path` is either the old file or a complete new
-/// one. Populates and commits no guest memory.
+/// one (and VMs restored from an old file there keep mapping it). Populates and commits no guest memory: bytes are read from the
+/// files behind the address space with `pread`, skipping their holes.
+///
+/// A full snapshot writes every non-zero page: populated pages, and the
+/// unpopulated parts of vmas that map an object (a host file's content).
+/// For a [`SharedMemory`](crate::mm::SharedMemory) object that means a
+/// translation, which allocates MemoryFile pages (uncommitted, reading as
+/// zeros, kept by the object as after a guest read) for the object's own
+/// holes; private anonymous memory and host files allocate nothing. A diff
+/// writes every page of its dirty ranges inside the vmas, zeros included.
+///
+/// The caller pauses whatever could change the space (vCPUs, host I/O)
+/// for the duration: the layout and the memory are read one after the
+/// other, not atomically.
 ///
 /// Errors: a dirty range that is unaligned or outside the space
-/// ([`SnapshotError::Request`]); file errors ([`SnapshotError::Io`]);
+/// ([`SnapshotError::Request`]); metadata `Snapshot::open` would refuse,
+/// e.g. a device range outside the space ([`SnapshotError::Layout`]);
+/// file errors ([`SnapshotError::Io`]);
 /// the address space or an object refusing ([`SnapshotError::Mm`],
 /// [`SnapshotError::File`]). On error the temporary file is removed and
 /// `path` is untouched.
@@ -285,7 +300,7 @@ impl Writer<'_> {
             match (&e.backing, &vma.object) {
                 (Some(b), _) => {
                     let fr = Range::new_unchecked(b.offset, b.offset + e.range.len());
-                    self.from_file(&b.file, fr, e.range.start())?;
+                    self.copy_file(&b.file, fr, e.range.start())?;
                 }
                 (None, Some((object, offset))) => {
                     let objr = Range::new_unchecked(
@@ -295,7 +310,7 @@ impl Writer<'_> {
                     for t in object.translate(objr, objr, Access::Read)? {
                         let gpa = e.range.start() + (t.source.start() - objr.start());
                         let fr = Range::new_unchecked(t.offset, t.offset + t.source.len());
-                        self.from_file(&t.file, fr, gpa)?;
+                        self.copy_file(&t.file, fr, gpa)?;
                     }
                 }
                 (None, None) if self.dense => self.zeros(e.range)?,
@@ -307,7 +322,7 @@ impl Writer<'_> {
 
     /// Copies file range `fr` of `file` to guest address `gpa`, holding a
     /// reference on the pages meanwhile.
-    fn from_file(
+    fn copy_file(
         &mut self,
         file: &Arc<dyn File>,
         fr: Range,

@@ -25,7 +25,9 @@
 //!  meta_offset       metadata (page aligned, after the data): space size,
 //!                    vmas, device ranges, vCPU and VM blobs, the data index
 //!                    (guest ranges that hold data in this file) and, for a
-//!                    diff, its base's id and file name.
+//!                    diff, its base's id and file name; zero padding to
+//!                    a page multiple (so the file maps as a
+//!                    [`HostFile`](crate::mm::HostFile) for a restore).
 //! ```
 //!
 //! A full snapshot's data index lists what was written (populated, non-zero
@@ -53,6 +55,7 @@ use std::path::PathBuf;
 pub use format::{write_raw, RawSnapshot};
 pub use format::{
     BaseRef, SnapshotKind, SnapshotMeta, VmaRecord, DATA_OFFSET, FORMAT_VERSION, HEADER_SIZE,
+    MAX_METADATA,
 };
 pub use memory::{save, DiffOf, SaveReport, SaveRequest};
 pub use reader::Snapshot;

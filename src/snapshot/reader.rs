@@ -3,7 +3,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::format::{crc32c, Header, SnapshotKind, SnapshotMeta, HEADER_SIZE};
+use super::format::{crc32c, BaseRef, Header, SnapshotKind, SnapshotMeta, HEADER_SIZE};
 use super::{format_meta, SnapshotError};
 
 /// An opened, validated snapshot file.
@@ -114,5 +114,19 @@ impl Snapshot {
     /// The path it was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What a diff taken against this snapshot records as its base: this
+    /// snapshot's id and its file name (without the directory; a diff is
+    /// expected to sit beside its base).
+    pub fn base_ref(&self) -> BaseRef {
+        BaseRef {
+            id: self.meta.id,
+            file_name: self
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
     }
 }

@@ -179,13 +179,15 @@ pub fn run_until(vcpu: &mut Vcpu, mark: Option<u32>, timeout: Duration) -> RunOu
     out
 }
 
-/// Boots `guest` (one vCPU) with `opts` and runs it to MARK `mark`.
-fn boot_to_mark(
+/// Boots `guest` (one vCPU) with `opts`, runs it to MARK `mark`, and
+/// returns the VM, its vCPU, its memory file and how the run ended (check
+/// [`RunOutcome::at_mark`]).
+pub fn boot_to_mark(
     kvm: &Kvm,
     guest: &Guest,
     opts: &RunOptions,
     mark: u32,
-) -> Result<(Arc<Vm>, Vec<Vcpu>, Arc<MemoryFile>, RunOutcome), RunError> {
+) -> Result<Booted, RunError> {
     let GuestVm {
         vm,
         memfile,
@@ -198,6 +200,10 @@ fn boot_to_mark(
     let outcome = run_until(&mut vcpu, Some(mark), opts.timeout);
     Ok((vm, vec![vcpu], memfile, outcome))
 }
+
+/// What [`boot_to_mark`] returns: the VM, its vCPU (one), its memory file
+/// and how the run ended.
+pub type Booted = (Arc<Vm>, Vec<Vcpu>, Arc<MemoryFile>, RunOutcome);
 
 /// Checks the address space and slots of `vm`, unmaps everything, drops
 /// it and, given `memfile` (once the last VM over it goes), checks that it

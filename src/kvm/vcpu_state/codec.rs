@@ -551,6 +551,15 @@ pub(super) fn get_msrs(r: &mut Reader<'_>, max: usize) -> Result<Vec<kvm_msr_ent
         .collect()
 }
 
+/// Re-seals bytes whose body was changed, so that tests exercise parsing
+/// past the checksum.
+#[cfg(test)]
+pub(super) fn reseal(bytes: &mut [u8]) {
+    let n = bytes.len() - 8;
+    let sum = fnv1a(&bytes[..n]);
+    bytes[n..].copy_from_slice(&sum.to_le_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,14 +584,6 @@ mod tests {
         let mut r = s[1].reader("msrs");
         assert_eq!(get_msrs(&mut r, 8).unwrap().len(), 3);
         r.done().unwrap();
-    }
-
-    /// Re-seals bytes whose body was changed, so that parsing past the
-    /// checksum is exercised.
-    fn reseal(bytes: &mut [u8]) {
-        let n = bytes.len() - 8;
-        let sum = fnv1a(&bytes[..n]);
-        bytes[n..].copy_from_slice(&sum.to_le_bytes());
     }
 
     #[test]
