@@ -159,7 +159,8 @@ fn startup(kvm: &Kvm, guest: &Guest, table: &mut Table) {
             .expect("snapshot at entry");
         discard(b.vm, vcpus);
     }
-    let reps = crate::reps().max(7);
+    // A restore takes milliseconds: more rounds than the default, cheaply.
+    let reps = 3 * crate::reps().max(5);
     let mut samples = vec![Vec::new(); sizes.len()];
     for round in 0..reps {
         for j in 0..sizes.len() {
@@ -488,6 +489,11 @@ fn restore(kvm: &Kvm, guest: &Guest, table: &mut Table) {
             "replay",
             &replay,
             "Vm::restore (Replay of the recorded working set) + run",
+        ),
+        (
+            "prefilled",
+            &prefilled,
+            "Vm::restore, every vma populated for read (untimed), then the run alone",
         ),
     ] {
         table.bench(
