@@ -625,9 +625,11 @@ fn clone_time(kvm: &Kvm, guest: &Guest, table: &mut Table) {
             &format!(
                 "Vm::clone_vm (VmClone::elapsed) of the lifecycle guest (2 GiB RAM) at MARK 10, \
                  1 GiB written, {} MiB committed (fault-around); median of {} clones, each \
-                 discarded; {} mode",
+                 discarded (min {:.2} ms, max {:.2} ms); {} mode",
                 populated / MIB,
                 times.len(),
+                times.iter().min().map_or(0.0, |t| t.as_secs_f64() * 1e3),
+                times.iter().max().map_or(0.0, |t| t.as_secs_f64() * 1e3),
                 mode.name()
             ),
         );
