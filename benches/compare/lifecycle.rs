@@ -303,11 +303,12 @@ fn guestmm_run(kvm: &Kvm, path: &Path, mode: WorkingSetMode) -> Sample {
     s
 }
 
-/// `Vm::restore` without a record, then every vma populated for read
-/// (page cache mapped, host page tables filled) before timing: the run to
-/// EXIT alone, timed. What remains is KVM's own faults and the writes'
-/// copies.
-fn prefilled_run(kvm: &Kvm, path: &Path) -> Sample {
+/// `Vm::restore` without a record, then every vma populated for `access`
+/// before timing (read: the page cache mapped read-only, host page tables
+/// filled; write: everything copied into the memory file): the run to
+/// EXIT alone, timed. What remains is KVM's own faults (and, for read,
+/// the writes' copies).
+fn prefilled_run(kvm: &Kvm, path: &Path, access: Access) -> Sample {
     let memfile =
         Arc::new(MemoryFile::new("restore", MemoryFileOptions::default()).expect("memfile"));
     let mut r = Vm::restore(
@@ -323,7 +324,7 @@ fn prefilled_run(kvm: &Kvm, path: &Path) -> Sample {
     let space = r.vm.space().clone();
     for m in space.maps() {
         space
-            .populate(m.range.start(), m.range.len(), Access::Read)
+            .populate(m.range.start(), m.range.len(), access)
             .expect("populate");
     }
     let exits0 = r.vm.stats().memory_exits;
@@ -431,13 +432,15 @@ fn restore(kvm: &Kvm, guest: &Guest, table: &mut Table) {
     let mut no_replay = Vec::new();
     let mut replay = Vec::new();
     let mut prefilled = Vec::new();
+    let mut prefilled_write = Vec::new();
     let mut fc: Vec<Vec<(Sample, u64)>> = vec![Vec::new(); fc_modes.len()];
     for _ in 0..crate::reps() {
         resident.push(resident_run(kvm, guest, RAM));
         // Record first: the replay of this round uses this round's record.
         no_replay.push(guestmm_run(kvm, &path, WorkingSetMode::Record));
         replay.push(guestmm_run(kvm, &path, WorkingSetMode::Replay));
-        prefilled.push(prefilled_run(kvm, &path));
+        prefilled.push(prefilled_run(kvm, &path, Access::Read));
+        prefilled_write.push(prefilled_run(kvm, &path, Access::Write));
         for (i, &(mode, name)) in fc_modes.iter().enumerate() {
             if !fc_ok[i] {
                 continue;
@@ -495,6 +498,11 @@ fn restore(kvm: &Kvm, guest: &Guest, table: &mut Table) {
             &prefilled,
             "Vm::restore, every vma populated for read (untimed), then the run alone",
         ),
+        (
+            "prefilled-write",
+            &prefilled_write,
+            "Vm::restore, every vma populated for write (copied, untimed), then the run alone",
+        ),
     ] {
         table.bench(
             &format!("restore-run-ms/{name}"),
@@ -539,6 +547,7 @@ fn restore(kvm: &Kvm, guest: &Guest, table: &mut Table) {
         ("no-replay", &no_replay),
         ("replay", &replay),
         ("prefilled", &prefilled),
+        ("prefilled-write", &prefilled_write),
     ] {
         if let Some(v) = pf(xs) {
             table.bench(
