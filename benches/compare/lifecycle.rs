@@ -496,12 +496,14 @@ fn restore(kvm: &Kvm, guest: &Guest, table: &mut Table) {
         (
             "prefilled",
             &prefilled,
-            "Vm::restore, every vma populated for read (untimed), then the run alone",
+            "Vm::restore, every vma populated for read (AddressSpace::populate: host page tables \
+             left to KVM's faults; untimed), then the run alone",
         ),
         (
             "prefilled-write",
             &prefilled_write,
-            "Vm::restore, every vma populated for write (copied, untimed), then the run alone",
+            "Vm::restore, every vma populated for write (AddressSpace::populate, copied into the \
+             memory file; host page tables left to KVM's faults; untimed), then the run alone",
         ),
     ] {
         table.bench(
