@@ -7,7 +7,9 @@
 //! (pages in pseudo-random order), `sparse` (one page per 2 MiB over 1 GiB:
 //! committed memory; slots after a 1 GiB sequential touch), `startup` (VM creation to the first hypercall, 1 GiB vs
 //! 64 GiB), `cow` (copy-on-write granularity in both copy-on-write modes:
-//! fork + sparse writes, private template restore), `clone` (fork of 1 GiB populated, COW break, takeover), `alloc`
+//! fork + sparse writes, private template restore), `clone` (fork of 1 GiB populated, COW break, takeover),
+//! `lifecycle` (snapshot, restore with and without working-set replay, the
+//! Firecracker-way restore, clone of a VM, snapshot blocks), `alloc`
 //! (allocator scaling with fragmentation), `mmops` (map/protect/unmap churn
 //! vs the host kernel). Every figure is printed as `bench NAME: VALUE UNIT`
 //! or `ratio NAME: VALUE`, and the table is written to
@@ -40,6 +42,8 @@ mod clone;
 mod cow;
 #[path = "compare/lazy.rs"]
 mod lazy;
+#[path = "compare/lifecycle.rs"]
+mod lifecycle;
 #[path = "compare/mmops.rs"]
 mod mmops;
 #[path = "compare/startup.rs"]
@@ -50,7 +54,15 @@ mod touch;
 use common::Table;
 
 const SECTIONS: &[&str] = &[
-    "touch", "scatter", "sparse", "startup", "cow", "clone", "alloc", "mmops",
+    "touch",
+    "scatter",
+    "sparse",
+    "startup",
+    "cow",
+    "clone",
+    "lifecycle",
+    "alloc",
+    "mmops",
 ];
 
 /// Repetitions per configuration.
@@ -111,6 +123,9 @@ fn main() {
         }
         if run("cow") {
             cow::run(kvm, &mut table);
+        }
+        if run("lifecycle") {
+            lifecycle::run(kvm, &mut table);
         }
     }
     if run("clone") {

@@ -1,5 +1,7 @@
 //! A small, safe wrapper over Linux userfaultfd, for write-protect mode on
-//! shared memory.
+//! shared memory and missing mode (filling pages on demand with
+//! [`Userfaultfd::copy`] and [`Userfaultfd::zeropage`], as a snapshot
+//! restore handler does).
 //!
 //! userfaultfd lets a thread handle page faults of another thread (or of
 //! the kernel on its behalf, e.g. KVM resolving a guest access) in
@@ -48,7 +50,7 @@
 //! checks ioctls only), has no flag for `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`
 //! or later features, does not fall back to the system call when
 //! `/dev/userfaultfd` exists but is not accessible, and brings `nix` 0.27
-//! and `thiserror` 1 along. What is needed here is five ioctls and one
+//! and `thiserror` 1 along. What is needed here is seven ioctls and one
 //! 32-byte message, written out below from `include/uapi/linux/userfaultfd.h`.
 
 use std::fs::OpenOptions;
@@ -86,6 +88,10 @@ const UFFDIO_UNREGISTER: u32 = ioc(IOC_READ, 0x01, size_of::<UffdioRange>());
 const UFFDIO_WAKE: u32 = ioc(IOC_READ, 0x02, size_of::<UffdioRange>());
 /// `UFFDIO_WRITEPROTECT = _IOWR(UFFDIO, _UFFDIO_WRITEPROTECT, struct uffdio_writeprotect)`.
 const UFFDIO_WRITEPROTECT: u32 = ioc(IOC_READ | IOC_WRITE, 0x06, size_of::<UffdioWriteprotect>());
+/// `UFFDIO_COPY = _IOWR(UFFDIO, _UFFDIO_COPY, struct uffdio_copy)`.
+const UFFDIO_COPY: u32 = ioc(IOC_READ | IOC_WRITE, 0x03, size_of::<UffdioCopy>());
+/// `UFFDIO_ZEROPAGE = _IOWR(UFFDIO, _UFFDIO_ZEROPAGE, struct uffdio_zeropage)`.
+const UFFDIO_ZEROPAGE: u32 = ioc(IOC_READ | IOC_WRITE, 0x04, size_of::<UffdioZeropage>());
 
 /// `UFFDIO_WRITEPROTECT_MODE_WP`: set (not clear) write protection.
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
@@ -133,6 +139,26 @@ struct UffdioRegister {
 struct UffdioWriteprotect {
     range: UffdioRange,
     mode: u64,
+}
+
+/// `struct uffdio_copy`: `copy` is written back (bytes copied, or -errno).
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+/// `struct uffdio_zeropage`: `zeropage` is written back like `copy`.
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
 }
 
 /// `sizeof(struct uffd_msg)`: u8 event, 7 reserved bytes, a 24-byte union;
@@ -230,6 +256,16 @@ impl RangeIoctls {
     /// `UFFDIO_WRITEPROTECT` is allowed.
     pub const fn writeprotect(self) -> bool {
         self.0 & (1 << 0x06) != 0
+    }
+
+    /// `UFFDIO_COPY` is allowed (missing mode).
+    pub const fn copy(self) -> bool {
+        self.0 & (1 << 0x03) != 0
+    }
+
+    /// `UFFDIO_ZEROPAGE` is allowed (missing mode on anonymous memory).
+    pub const fn zeropage(self) -> bool {
+        self.0 & (1 << 0x04) != 0
     }
 }
 
@@ -474,6 +510,107 @@ impl Userfaultfd {
         self.ioctl("UFFDIO_WAKE", UFFDIO_WAKE, &mut r)
     }
 
+    /// Fills the missing pages at `dst` (in a range registered in
+    /// [`RegisterMode::MISSING`]) with a copy of `src` (`UFFDIO_COPY`) and
+    /// wakes the faulters blocked on what was filled. `dst` and
+    /// `src.len()` must be page aligned, `src` non-empty.
+    ///
+    /// Returns the bytes filled: all of `src`, or fewer if the copy stopped
+    /// at a page that is already present (`EEXIST`, e.g. filled for an
+    /// earlier event of the same block): the page at `dst + returned` is
+    /// present, and faulters blocked after it are not woken ([`wake`]
+    /// them). The kernel's partial progress (`EAGAIN`) is resumed here.
+    ///
+    /// Errors: [`UffdError::BadRange`], or [`UffdError::Io`] (`ENOENT`:
+    /// `dst` not registered; `EINVAL`: not missing mode).
+    ///
+    /// [`wake`]: Userfaultfd::wake
+    pub fn copy(&self, dst: u64, src: &[u8]) -> Result<u64> {
+        let len = src.len() as u64;
+        range(dst, len)?;
+        self.fill("UFFDIO_COPY", dst, len, |done| {
+            let mut c = UffdioCopy {
+                dst: dst + done,
+                // The kernel reads `src` (a live slice) from this offset on.
+                src: src.as_ptr() as u64 + done,
+                len: len - done,
+                ..Default::default()
+            };
+            let r = self.raw_ioctl(UFFDIO_COPY, &mut c);
+            (r, c.copy)
+        })
+    }
+
+    /// Fills the missing pages of `[start, start + len)` (registered in
+    /// [`RegisterMode::MISSING`], anonymous memory) with zeros
+    /// (`UFFDIO_ZEROPAGE`: the shared zero page, a later write copies it)
+    /// and wakes the faulters there. Returns the bytes filled, as
+    /// [`copy`](Userfaultfd::copy) does (fewer than `len` if a page was
+    /// already present).
+    ///
+    /// Errors: as [`copy`](Userfaultfd::copy).
+    pub fn zeropage(&self, start: u64, len: u64) -> Result<u64> {
+        range(start, len)?;
+        self.fill("UFFDIO_ZEROPAGE", start, len, |done| {
+            let mut z = UffdioZeropage {
+                range: UffdioRange {
+                    start: start + done,
+                    len: len - done,
+                },
+                ..Default::default()
+            };
+            let r = self.raw_ioctl(UFFDIO_ZEROPAGE, &mut z);
+            (r, z.zeropage)
+        })
+    }
+
+    /// Runs a filling ioctl (`call(done)` returns the ioctl's result and the
+    /// progress it wrote back) until `len` bytes are filled or a page is
+    /// found present; returns the bytes filled.
+    fn fill(
+        &self,
+        op: &'static str,
+        start: u64,
+        len: u64,
+        mut call: impl FnMut(u64) -> (libc::c_int, i64),
+    ) -> Result<u64> {
+        let mut done = 0;
+        while done < len {
+            let (r, progress) = call(done);
+            if r == 0 {
+                return Ok(len);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // Partial progress (or none, while the address space is
+                // changing): go on from where the kernel stopped.
+                Some(libc::EAGAIN) | Some(libc::EINTR) => {
+                    if progress > 0 {
+                        done += progress as u64;
+                    }
+                }
+                Some(libc::EEXIST) => return Ok(done),
+                _ => {
+                    log::debug!("{op} {:#x}+{:#x}: {e}", start + done, len - done);
+                    return Err(UffdError::Io { op, source: e });
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// One ioctl, its return value as is (for the filling ioctls, whose
+    /// `EAGAIN` carries progress).
+    fn raw_ioctl<T>(&self, req: u32, arg: &mut T) -> libc::c_int {
+        // SAFETY: `req` is a userfaultfd ioctl whose argument is a `T` (the
+        // pairs are fixed by the callers in this file), `arg` is a live
+        // exclusive reference, and the fd is owned by `self`. The filling
+        // ioctls only populate pages that are missing in a range registered
+        // on this descriptor (never overwrite a present page), reading from
+        // a source slice the caller keeps alive for the call.
+        unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, arg as *mut T) }
+    }
+
     /// Reads one pending event, or `None` if there is none right now.
     pub fn read_event(&self) -> Result<Option<Event>> {
         let mut out = Vec::with_capacity(1);
@@ -652,6 +789,8 @@ mod tests {
         assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
         assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
+        assert_eq!(UFFDIO_COPY, 0xc028_aa03);
+        assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
         assert_eq!(USERFAULTFD_IOC_NEW, 0xaa00);
     }
 

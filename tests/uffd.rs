@@ -346,3 +346,123 @@ fn remapping_a_copy_over_a_protected_page_and_waking_completes_the_write_there()
     u.unprotect(t.a + 3 * PAGE, PAGE, true).unwrap();
     h.join().unwrap();
 }
+
+/// A missing-mode userfaultfd (no feature needed), or `None` (said once).
+fn missing_uffd_or_skip() -> Option<Userfaultfd> {
+    match Userfaultfd::open(Features::empty()) {
+        Ok(u) => Some(u),
+        Err(e) if e.is_unavailable() => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipping uffd missing-mode test: {e}");
+            None
+        }
+        Err(e) => panic!("opening userfaultfd: {e}"),
+    }
+}
+
+/// A private anonymous mapping of `pages` pages, unmapped on drop.
+struct Anon {
+    addr: u64,
+    len: usize,
+}
+
+impl Anon {
+    fn new(pages: u64) -> Anon {
+        let len = (pages * PAGE) as usize;
+        // SAFETY: a fresh anonymous mapping; result checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Anon {
+            addr: p as u64,
+            len,
+        }
+    }
+
+    fn read(addr: u64) -> u64 {
+        // SAFETY: callers read inside a live mapping of this test.
+        unsafe { std::ptr::read_volatile(addr as *const u64) }
+    }
+}
+
+impl Drop for Anon {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.addr as *mut _, self.len) };
+    }
+}
+
+#[test]
+fn missing_mode_copy_and_zeropage_fill_pages_and_wake_the_faulter() {
+    let _g = serial();
+    let Some(u) = missing_uffd_or_skip() else {
+        return;
+    };
+    let m = Anon::new(8);
+    let ioctls = u.register(m.addr, 8 * PAGE, RegisterMode::MISSING).unwrap();
+    assert!(ioctls.copy() && ioctls.zeropage(), "ioctls {ioctls:?}");
+
+    // A reader faults on page 3 and blocks until it is filled.
+    let addr = m.addr + 3 * PAGE + 8;
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    let reader = thread::spawn(move || {
+        let v = Anon::read(addr);
+        d.store(true, Ordering::SeqCst);
+        v
+    });
+    let ev = next_event(&u);
+    assert_eq!(ev.page(), Some(m.addr + 3 * PAGE));
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the reader ran before the fill"
+    );
+    let mut src = vec![0u8; 2 * PAGE as usize];
+    for (i, w) in src.chunks_exact_mut(8).enumerate() {
+        w.copy_from_slice(&(0xabc0_0000 + i as u64).to_ne_bytes());
+    }
+    // Pages 2 and 3: both missing, both filled, the reader woken.
+    assert_eq!(u.copy(m.addr + 2 * PAGE, &src).unwrap(), 2 * PAGE);
+    assert_eq!(reader.join().unwrap(), 0xabc0_0000 + 512 + 1);
+    assert_eq!(Anon::read(m.addr + 2 * PAGE), 0xabc0_0000);
+
+    // Zero pages 4..6; page 5 read back as zero without an event.
+    assert_eq!(u.zeropage(m.addr + 4 * PAGE, 2 * PAGE).unwrap(), 2 * PAGE);
+    assert_eq!(Anon::read(m.addr + 5 * PAGE + 16), 0);
+
+    // A copy over 1..4 stops at present page 2: one page filled.
+    let three = vec![7u8; 3 * PAGE as usize];
+    assert_eq!(u.copy(m.addr + PAGE, &three).unwrap(), PAGE);
+    assert_eq!(Anon::read(m.addr + PAGE), 0x0707_0707_0707_0707);
+    assert_eq!(
+        Anon::read(m.addr + 2 * PAGE),
+        0xabc0_0000,
+        "present page kept"
+    );
+    // Onto a present page: nothing filled.
+    assert_eq!(u.zeropage(m.addr + 4 * PAGE, PAGE).unwrap(), 0);
+    assert!(u.read_event().unwrap().is_none(), "no stray event");
+
+    // Bad input is a typed error, not a call.
+    assert!(matches!(
+        u.copy(m.addr + 1, &src),
+        Err(UffdError::BadRange { .. })
+    ));
+    assert!(matches!(
+        u.copy(m.addr, &src[..100]),
+        Err(UffdError::BadRange { .. })
+    ));
+    assert!(matches!(
+        u.zeropage(m.addr, 0),
+        Err(UffdError::BadRange { .. })
+    ));
+    u.unregister(m.addr, 8 * PAGE).unwrap();
+}

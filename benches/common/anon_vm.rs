@@ -109,6 +109,16 @@ impl AnonRam {
         }
     }
 
+    /// Host address of the first byte.
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
     fn madvise(&self, advice: i32, what: &str) {
         // SAFETY: advice on exactly our own mapping.
         let r = unsafe { libc::madvise(self.ptr.cast(), self.len, advice) };

@@ -6,6 +6,7 @@
 
 pub mod anon_vm;
 pub mod churn;
+pub mod fc_restore;
 #[path = "../../tests/common/host_mem.rs"]
 pub mod host_mem;
 #[path = "../../tests/common/rng.rs"]
