@@ -303,11 +303,11 @@ fn guestmm_run(kvm: &Kvm, path: &Path, mode: WorkingSetMode) -> Sample {
     s
 }
 
-/// `Vm::restore` without a record, then every vma populated for `access`
-/// before timing (read: the page cache mapped read-only, host page tables
-/// filled; write: everything copied into the memory file): the run to
-/// EXIT alone, timed. What remains is KVM's own faults (and, for read,
-/// the writes' copies).
+/// `Vm::restore` without a record, then every vma prefetched for `access`
+/// before timing (`AddressSpace::prefetch`: populated and host page tables
+/// filled; read: the page cache mapped read-only; write: everything
+/// copied into the memory file): the run to EXIT alone, timed. What
+/// remains is KVM's own faults (and, for read, the writes' copies).
 fn prefilled_run(kvm: &Kvm, path: &Path, access: Access) -> Sample {
     let memfile =
         Arc::new(MemoryFile::new("restore", MemoryFileOptions::default()).expect("memfile"));
@@ -322,11 +322,12 @@ fn prefilled_run(kvm: &Kvm, path: &Path, access: Access) -> Sample {
     )
     .expect("restore");
     let space = r.vm.space().clone();
-    for m in space.maps() {
-        space
-            .populate(m.range.start(), m.range.len(), access)
-            .expect("populate");
-    }
+    let all: Vec<_> = space
+        .maps()
+        .into_iter()
+        .map(|m| (m.range, access))
+        .collect();
+    space.prefetch(&all, None).expect("prefetch");
     let exits0 = r.vm.stats().memory_exits;
     let stats = kvm_pf(&r.vm, &r.vcpus[0]);
     let t0 = Instant::now();
@@ -496,14 +497,14 @@ fn restore(kvm: &Kvm, guest: &Guest, table: &mut Table) {
         (
             "prefilled",
             &prefilled,
-            "Vm::restore, every vma populated for read (AddressSpace::populate: host page tables \
-             left to KVM's faults; untimed), then the run alone",
+            "Vm::restore, every vma prefetched for read (AddressSpace::prefetch: page cache \
+             mapped read-only, host page tables filled; untimed), then the run alone",
         ),
         (
             "prefilled-write",
             &prefilled_write,
-            "Vm::restore, every vma populated for write (AddressSpace::populate, copied into the \
-             memory file; host page tables left to KVM's faults; untimed), then the run alone",
+            "Vm::restore, every vma prefetched for write (AddressSpace::prefetch: copied into the \
+             memory file, host page tables filled; untimed), then the run alone",
         ),
     ] {
         table.bench(

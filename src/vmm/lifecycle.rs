@@ -325,6 +325,12 @@ pub fn restore(
         },
     )?;
     let vm = restored.vm.clone();
+    let maps_before = vm.stats().slots.maps;
+    let kvm_stats = crate::kvm::KvmStatsReader::open(
+        vm.vm_fd(),
+        &restored.vcpus.iter().map(|v| v.fd()).collect::<Vec<_>>(),
+    )
+    .ok();
     let run = match restored.vcpus.first_mut() {
         Some(v) => run_until(v, None, opts.timeout),
         None => RunOutcome {
@@ -347,6 +353,10 @@ pub fn restore(
     report.figure("restore_ms", restored.elapsed.as_millis());
     report.figure("run_ms", run.elapsed.as_millis());
     report.figure("memory_exits", stats.memory_exits);
+    report.figure("maps_during_run", stats.slots.maps - maps_before);
+    if let Some(pf) = kvm_stats.and_then(|r| r.read().ok()?.pf_taken()) {
+        report.figure("kvm_page_faults", pf);
+    }
     report.figure("prefetched_kib", restored.prefetched_bytes / 1024);
     report.figure("copied_kib", memfile.allocated_bytes() / 1024);
     drop(restored);
