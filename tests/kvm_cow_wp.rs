@@ -255,3 +255,57 @@ fn writing_half_of_a_private_template_copies_about_what_is_written() {
     }
     assert!(got[0] <= 1.02, "uffd-wp copied/written {}", got[0]);
 }
+
+/// `populate` for write over a private mapping of a regular file on disk
+/// (whose pages userfaultfd cannot protect, so copy-on-write there is
+/// chunk-granular) copies all of it, not just the first 2 MiB chunk: no
+/// guest write there exits afterwards. (A regression: the chunk widening
+/// meant for one faulting page used to shrink a larger range to one chunk.)
+#[test]
+fn populate_for_write_copies_a_whole_private_disk_file_range() {
+    let Some(kvm) = kvm_or_skip() else { return };
+    if !wp_or_skip() {
+        return;
+    }
+    use guestmm::kvm::{Vm, VmOptions};
+    use guestmm::memfile::{MemoryFile, MemoryFileOptions};
+    use guestmm::mm::{HostFile, MapOpts, Mappable};
+    use guestmm::{Access, Perms};
+    use std::io::Write;
+    use std::sync::Arc;
+    const LEN: u64 = 8 << 20;
+    let mut file = common::tempfile("populate-disk");
+    file.write_all(&vec![0x5a; LEN as usize]).unwrap();
+    let host = HostFile::new(file.try_clone().unwrap(), false).unwrap();
+    let mf = Arc::new(MemoryFile::new("populate-disk", MemoryFileOptions::default()).unwrap());
+    let vm = Vm::new(
+        &kvm,
+        mf.clone(),
+        VmOptions {
+            cow: CowMode::UserfaultfdWp,
+            ..VmOptions::default()
+        },
+    )
+    .unwrap();
+    let space = vm.space();
+    let at = 1 << 30;
+    space
+        .map(
+            MapOpts::object(host as Arc<dyn Mappable>, 0, LEN)
+                .fixed(at)
+                .perms(Perms::READ_WRITE),
+        )
+        .unwrap();
+    space.populate(at, LEN, Access::Write).unwrap();
+    assert_eq!(space.stats().private_bytes, LEN, "{:?}", space.stats());
+    let extents = space
+        .extents(guestmm::GuestRange::new(at, at + LEN).unwrap())
+        .unwrap();
+    assert!(
+        extents
+            .iter()
+            .all(|e| e.backing.as_ref().is_some_and(|b| b.memfile && !b.cow)),
+        "{extents:?}"
+    );
+    space.check_invariants().unwrap();
+}

@@ -320,9 +320,9 @@ impl AddressSpace {
         Ok(report)
     }
 
-    /// `cow` (a page-granular break: see [`cow_unit`](Self::cow_unit)),
-    /// widened to the [`COW_CHUNK`](super::COW_CHUNK) around it (within
-    /// `range`) when the backend cannot trap writes to the pages there per
+    /// `cow` (a page-granular break: see [`cow_unit`](Self::cow_unit), or
+    /// a whole populate), widened to the [`COW_CHUNK`](super::COW_CHUNK)s
+    /// around it (within `range`) when the backend cannot trap writes to the pages there per
     /// page (a regular file on disk under userfaultfd write protection):
     /// such pages stay in read-only slots, and copying one page per write
     /// exit would cost an exit per page.
@@ -345,8 +345,11 @@ impl AddressSpace {
         if protectable {
             return cow;
         }
+        // Whole chunks around `cow`, never less than `cow` (a populate for
+        // write asks for more than a chunk).
         let start = crate::range::align_down(cow.start(), super::COW_CHUNK);
-        Range::new_unchecked(start, start.saturating_add(super::COW_CHUNK)).intersect(range)
+        let end = crate::range::align_up(cow.end(), super::COW_CHUNK).unwrap_or(u64::MAX);
+        Range::new_unchecked(start, end).intersect(range)
     }
 
     /// Resolves copy-on-write on every pma page in `range`: the sole owner
