@@ -54,52 +54,20 @@
 //! slots: if splitting would exceed the limit they remove the whole affected
 //! runs instead (the guest faults them back in), which is always safe.
 //!
-//! # Copy-on-write by userfaultfd write protection
+//! # Copy-on-write and the dirty log
 //!
+//! Two mechanisms ride on the slots, each in a child module of this one.
 //! With a userfaultfd ([`SlotTable::set_userfaultfd`], the VM's
-//! [`CowMode::UserfaultfdWp`](super::CowMode)), copy-on-write installs
-//! ([`AddressSpaceBackend::install_cow`]) are *writable* extents, so they
-//! share slots with the memory around them, and their host pages are
-//! write-protected page by page: the range is mapped read-only, registered
-//! in WP mode (every `MAP_FIXED` makes a new, unregistered mapping, so each
-//! copy-on-write install registers its own range), protected, then made
-//! read-write. A guest write there blocks inside `KVM_RUN` and becomes an
-//! event for the VM's fault thread (`kvm/cow_wp.rs`). Any later install or
-//! removal over protected pages replaces their mapping (which drops the
-//! protection) and wakes the writers blocked there; `write_protect_cow`
-//! (a fork) protects writable extents again without changing a slot.
-//! Read-only protection the guest asked for stays a read-only slot.
-//!
-//! A vCPU blocked on a protected page is inside `KVM_RUN` holding KVM's
-//! SRCU read lock, which a slot deletion waits for; so in this mode every
-//! plan that deletes a slot closes the run gate first (the kick's signal
-//! ends the blocked fault with `EINTR`).
-//!
-//! # Dirty log
-//!
-//! While the address space tracks dirty pages
-//! ([`AddressSpaceBackend::start_dirty_log`]), every *writable* slot
-//! carries `KVM_MEM_LOG_DIRTY_PAGES`: slots live when logging starts get it
-//! by a flags-only `KVM_SET_USER_MEMORY_REGION` (KVM lets a slot's flags
-//! change, except `KVM_MEM_READONLY`), slots added later are created with
-//! it. Read-only slots carry no log: the guest cannot write them (a write
-//! exits, and the fault path makes the page writable in a new, logged
-//! slot). [`harvest_dirty`](AddressSpaceBackend::harvest_dirty) runs
-//! `KVM_GET_DIRTY_LOG` on every writable slot (fetch and clear, atomic
-//! against the guest's writes) and ORs each bitmap into the sink at the
-//! slot's guest-physical address.
-//!
-//! KVM frees a slot's log with the slot, so **every deletion of a writable
-//! slot harvests it first** (if that harvest fails, the whole slot is
-//! reported dirty: over-reporting, never a loss), under the table's lock: merges, splits,
-//! write-protection (a fork's `write_protect_cow` in read-only-slot mode
-//! too), removals, and the table's drop. A guest write between that
-//! harvest and the deletion would be lost, so while logging, every plan
-//! that deletes a slot closes the run gate (no vCPU is inside `KVM_RUN`
-//! from the harvest to the deletion; KVM flushes a vCPU's
-//! page-modification log when it exits). Pages the mm core replaces under
-//! a live slot (a copy-on-write break keeping its writability) change no
-//! slot and keep their bits.
+//! [`CowMode::UserfaultfdWp`](super::CowMode)), copy-on-write installs of
+//! shmem pages are *writable* extents whose host pages are write-protected
+//! page by page (`kvm/slots/wp.rs`); other copy-on-write installs are
+//! read-only slots. While the address space tracks dirty pages
+//! ([`AddressSpaceBackend::start_dirty_log`]), every writable slot carries
+//! `KVM_MEM_LOG_DIRTY_PAGES` and is harvested before it is deleted
+//! (`kvm/slots/dirty_log.rs`). In either mode every plan that deletes a
+//! slot closes the run gate: a vCPU blocked on a protected page holds
+//! KVM's SRCU read lock, which a deletion waits for, and a guest write
+//! between a slot's last harvest and its deletion would be lost.
 //!
 //! Lock: `state` sits below `AddressSpace.active` (the mm core calls in with
 //! it held) and above `MemoryFile.inner` and the dirty sink (a leaf).
@@ -117,7 +85,12 @@ use crate::dirty::DirtyLog;
 use crate::mm::backend::{AddressSpaceBackend, BackendError, Installed};
 use crate::range::{GuestRange, Range};
 use crate::segment::{SegmentSet, SegmentValue};
-use crate::uffd::{RegisterMode, Userfaultfd};
+use crate::uffd::Userfaultfd;
+
+mod dirty_log;
+mod wp;
+
+use wp::{shmem_backed, Protected};
 
 /// A KVM memory slot: its id and writability (its range is the set key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,19 +168,6 @@ pub struct SlotStats {
     pub dirty_harvests: u64,
     /// Harvests of a slot just before its deletion.
     pub dirty_harvests_on_delete: u64,
-}
-
-/// A write-protected range of the reservation (value of `SlotState::wp`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Protected;
-
-impl SegmentValue for Protected {
-    fn merge(&self, _: Range, _: &Self, _: Range) -> Option<Self> {
-        Some(Protected)
-    }
-    fn split(&self, _: Range, _: u64) -> (Self, Self) {
-        (Protected, Protected)
-    }
 }
 
 struct SlotState {
@@ -349,46 +309,6 @@ impl SlotTable {
         let base = self.reservation.host_addr(0);
         addr.checked_sub(base)
             .filter(|&gpa| gpa < self.reservation.len())
-    }
-
-    /// GPA ranges whose host pages are write-protected now (copy-on-write
-    /// in [`CowMode::UserfaultfdWp`](super::CowMode)).
-    pub fn write_protected(&self) -> Vec<GuestRange> {
-        self.lock().wp.iter().map(|(r, _)| r).collect()
-    }
-
-    /// Drops the protection marks over `range` (its mapping was just
-    /// replaced or removed) and wakes the writers blocked there.
-    ///
-    /// # Preconditions
-    /// - `st` is the locked state.
-    fn unprotected_locked(&self, st: &mut SlotState, range: GuestRange) {
-        let Some(uffd) = &self.uffd else { return };
-        if st.wp.is_empty_range(range) {
-            return;
-        }
-        st.wp.remove_range(range);
-        st.stats.wp_wakes += 1;
-        if let Err(e) = uffd.wake(self.reservation.host_addr(range.start()), range.len()) {
-            log::error!("UFFDIO_WAKE {range}: {e}");
-        }
-    }
-
-    /// Registers the host pages of `range` (mapped, shared) with the
-    /// userfaultfd in WP mode and write-protects them.
-    fn protect_pages(&self, uffd: &Userfaultfd, range: GuestRange) -> Result<(), BackendError> {
-        let host = self.reservation.host_addr(range.start());
-        let err = |op: &'static str, e: crate::uffd::UffdError| BackendError::Host {
-            op,
-            source: match std::error::Error::source(&e) {
-                Some(cause) => std::io::Error::other(format!("{e}: {cause}")),
-                None => std::io::Error::other(e.to_string()),
-            },
-        };
-        uffd.register(host, range.len(), RegisterMode::WP)
-            .map_err(|e| err("UFFDIO_REGISTER", e))?;
-        uffd.write_protect(host, range.len())
-            .map_err(|e| err("UFFDIO_WRITEPROTECT", e))
     }
 
     /// A counter bumped by every change of what the guest sees (slots added
@@ -750,57 +670,6 @@ impl SlotTable {
         })
     }
 
-    /// Moves slot `slot`'s dirty log (over `r`) into the sink, if logging
-    /// and the slot is writable (`before_delete`: for the stats).
-    ///
-    /// # Preconditions
-    /// - `st` is the locked state; the slot is live.
-    fn harvest_slot_locked(
-        &self,
-        st: &mut SlotState,
-        r: GuestRange,
-        slot: Slot,
-        before_delete: bool,
-    ) -> Result<(), BackendError> {
-        let Some(sink) = &st.dirty else {
-            return Ok(());
-        };
-        if !slot.writable {
-            return Ok(());
-        }
-        let bitmap = self
-            .vm
-            .get_dirty_log(slot.id, r.len() as usize)
-            .map_err(|e| {
-                self.ioctl_errors.fetch_add(1, Ordering::Relaxed);
-                BackendError::Host {
-                    op: "KVM_GET_DIRTY_LOG",
-                    source: std::io::Error::from_raw_os_error(e.errno()),
-                }
-            })?;
-        sink.mark_bitmap(r.start(), &bitmap)
-            .expect("a slot lies inside the page-aligned reservation");
-        st.stats.dirty_harvests += 1;
-        if before_delete {
-            st.stats.dirty_harvests_on_delete += 1;
-        }
-        Ok(())
-    }
-
-    /// Sets or clears `KVM_MEM_LOG_DIRTY_PAGES` on every writable slot
-    /// (flags-only updates). Stops at the first failure.
-    ///
-    /// # Preconditions
-    /// - `st` is the locked state.
-    fn set_logging_locked(&self, st: &SlotState, log: bool) -> Result<(), BackendError> {
-        for (r, slot) in st.slots.iter() {
-            if slot.writable {
-                self.set_region(slot.id, r, true, log, false)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Removes `range` (or, if slots run short, the whole runs it touches)
     /// from extents and slots.
     ///
@@ -863,68 +732,19 @@ impl AddressSpaceBackend for SlotTable {
         fd: BorrowedFd<'_>,
         file_offset: u64,
     ) -> Result<(), BackendError> {
-        let uffd = match &self.uffd {
-            Some(u) if shmem_backed(fd) => u.clone(),
+        match &self.uffd {
+            Some(uffd) if shmem_backed(fd) => self.install_protected(uffd, range, fd, file_offset),
             // Write protection covers shmem (memfd, tmpfs) pages only:
             // other files' copy-on-write stays a read-only slot.
-            _ => return self.install(range, fd, file_offset, false),
-        };
-        self.check_range(range)?;
-        let mut st = self.lock();
-        let want = Installed {
-            fd: fd.as_raw_fd(),
-            file_offset,
-            writable: true,
-        };
-        if shows_locked(&st, range, &want, true) {
-            st.stats.redundant_installs += 1;
-            return Ok(());
+            _ => self.install(range, fd, file_offset, false),
         }
-        let plan = Self::plan_install_locked(&st, range, true);
-        if !Self::fits(&st, &plan) {
-            return Err(BackendError::OutOfSlots { limit: st.limit });
-        }
-        // Read-only until protected: a slot may already cover the range.
-        self.map_locked(&mut st, range, fd, want, false)?;
-        st.wp.remove_range(range);
-        let protected = self.protect_pages(&uffd, range).and_then(|()| {
-            self.reservation
-                .protect_read_write(range.start(), range.len())
-                .map_err(|source| BackendError::Host {
-                    op: "mprotect",
-                    source,
-                })
-        });
-        if let Err(e) = protected {
-            // Not protected: the guest must not see it writable.
-            let _ = self.remove_locked(&mut st, range);
-            return Err(e);
-        }
-        st.wp.insert(range, Protected).expect("range just cleared");
-        st.stats.wp_installs += 1;
-        self.apply_locked(&mut st, plan)
     }
 
     fn write_protect_cow(&self, range: GuestRange) -> Result<(), BackendError> {
-        let Some(uffd) = self.uffd.clone() else {
-            return self.write_protect(range);
-        };
-        self.check_range(range)?;
-        let mut st = self.lock();
-        let writable: Vec<GuestRange> = st
-            .extents
-            .iter_range(range)
-            .filter(|(_, e)| e.writable)
-            .map(|(r, _)| r.intersect(range))
-            .collect();
-        for part in writable {
-            self.bump();
-            self.protect_pages(&uffd, part)?;
-            st.wp.remove_range(part);
-            st.wp.insert(part, Protected).expect("range just cleared");
-            st.stats.wp_reprotects += 1;
+        match &self.uffd {
+            Some(uffd) => self.reprotect_writable(uffd, range),
+            None => self.write_protect(range),
         }
-        Ok(())
     }
 
     fn page_granular_cow(&self) -> bool {
@@ -992,34 +812,19 @@ impl AddressSpaceBackend for SlotTable {
     /// Turns on `KVM_MEM_LOG_DIRTY_PAGES` on every writable slot (see the
     /// module docs); on failure the slots flagged so far are cleared again.
     fn start_dirty_log(&self, sink: Arc<DirtyLog>) -> Result<(), BackendError> {
-        let mut st = self.lock();
-        if let Err(e) = self.set_logging_locked(&st, true) {
-            let _ = self.set_logging_locked(&st, false);
-            return Err(e);
-        }
-        st.dirty = Some(sink);
-        Ok(())
+        self.start_logging(sink)
     }
 
     /// `KVM_GET_DIRTY_LOG` on every writable slot into the sink, under the
     /// table's lock (no slot changes meanwhile; vCPUs keep running).
     fn harvest_dirty(&self) -> Result<(), BackendError> {
-        let mut st = self.lock();
-        let slots: Vec<(GuestRange, Slot)> = st.slots.iter().map(|(r, s)| (r, *s)).collect();
-        for (r, slot) in slots {
-            self.harvest_slot_locked(&mut st, r, slot, false)?;
-        }
-        Ok(())
+        self.harvest_all()
     }
 
     /// Clears `KVM_MEM_LOG_DIRTY_PAGES` on every slot and forgets the sink
     /// (failures are logged: a slot left logging costs only KVM's work).
     fn stop_dirty_log(&self) {
-        let mut st = self.lock();
-        if let Err(e) = self.set_logging_locked(&st, false) {
-            log::error!("clearing the dirty log flag: {e}");
-        }
-        st.dirty = None;
+        self.stop_logging()
     }
 
     /// Populates the reservation over `range` (`MADV_POPULATE_WRITE`, or
@@ -1065,20 +870,6 @@ impl Drop for SlotTable {
             }
         }
     }
-}
-
-/// Whether `fd` is a shmem (memfd, tmpfs) or hugetlbfs file, whose pages
-/// userfaultfd can write-protect.
-fn shmem_backed(fd: BorrowedFd<'_>) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
-    // SAFETY: `statfs` is plain data, zeroed is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a borrowed, open fd and a live out-pointer.
-    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } < 0 {
-        return false;
-    }
-    matches!(st.f_type as i64, TMPFS_MAGIC | HUGETLBFS_MAGIC)
 }
 
 /// True if `range` already shows exactly `want` (file, offset,

@@ -4,7 +4,7 @@
 //! ([`VmOptions::fill_dense`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -15,127 +15,18 @@ use super::cow_wp::{CowMode, CowStats, FaultThread};
 use super::gate::{install_kick_handler, Closed, RunGate};
 use super::slots::{MergePolicy, SlotStats, SlotTable};
 use crate::memfile::MemoryFile;
-use crate::mm::{
-    AddressSpace, AddressSpaceOptions, BackendError, FaultError, MmError, DEFAULT_FILL_MAX_BYTES,
-    DEFAULT_FILL_PERIOD,
-};
+use crate::mm::{AddressSpace, AddressSpaceOptions, MmError, DEFAULT_FILL_PERIOD};
 use crate::range::GuestRange;
+
+mod error;
+mod threads;
+
+pub use error::{StopCause, VmError};
+use threads::{spawn_filler, spawn_watchdog, FillerControl, WatchdogControl};
 
 /// `KVM_CAP_EXIT_ON_EMULATION_FAILURE`: emulation failures exit to
 /// userspace at any CPL instead of injecting #UD.
 const CAP_EXIT_ON_EMULATION_FAILURE: u32 = 204;
-
-/// Errors that stop a VM (as opposed to guest violations, which go to the
-/// VMM's handler).
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    /// A KVM ioctl failed.
-    #[error("{op} failed: {source}")]
-    Kvm {
-        /// The ioctl.
-        op: &'static str,
-        /// The error.
-        source: kvm_ioctls::Error,
-    },
-    /// A fault could not be resolved for a host reason (out of memory, out
-    /// of memslots).
-    #[error("vcpu {vcpu}: {source}")]
-    Fault {
-        /// Index of the vCPU.
-        vcpu: u32,
-        /// The fault error.
-        source: FaultError,
-    },
-    /// Completing an access against memory failed.
-    #[error("vcpu {vcpu}: completing the access failed: {source}")]
-    Access {
-        /// Index of the vCPU.
-        vcpu: u32,
-        /// The error.
-        source: MmError,
-    },
-    /// Building the address space failed.
-    #[error(transparent)]
-    Mm(#[from] MmError),
-    /// Building the slot table failed.
-    #[error(transparent)]
-    Backend(#[from] BackendError),
-    /// An option is out of range.
-    #[error("bad VM option {option}: {why}")]
-    BadOption {
-        /// The option.
-        option: &'static str,
-        /// What is wrong with it.
-        why: String,
-    },
-    /// A device range was refused.
-    #[error("device range {range} refused: {why}")]
-    DeviceRange {
-        /// The range.
-        range: GuestRange,
-        /// What it conflicts with.
-        why: String,
-    },
-    /// The kick signal's handler could not be installed.
-    #[error("installing the vCPU kick signal handler (SIGRTMIN+{offset}) failed: {source}")]
-    KickSignal {
-        /// The signal, as an offset from `SIGRTMIN`.
-        offset: i32,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// [`CowMode::UserfaultfdWp`] was asked for and userfaultfd write
-    /// protection is unavailable.
-    #[error("copy-on-write mode uffd-wp unavailable: {source}")]
-    Userfaultfd {
-        /// Why.
-        source: crate::uffd::UffdError,
-    },
-    /// Some vCPUs did not leave `KVM_RUN` when asked (stuck inside KVM).
-    #[error("{stuck} vCPU(s) did not leave KVM_RUN when asked")]
-    VcpusStuck {
-        /// How many.
-        stuck: u32,
-    },
-    /// The VM was stopped, by [`Vm::stop`] or because a vCPU failed.
-    #[error("the VM was stopped: {cause}")]
-    Stopped {
-        /// Why.
-        cause: StopCause,
-    },
-}
-
-/// Why a VM was stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StopCause {
-    /// [`Vm::stop`] was called.
-    Requested,
-    /// A vCPU failed with a host error (out of memory or memslots, a KVM
-    /// ioctl): the whole VM stops, so vCPUs waiting for it do not hang.
-    VcpuFailed {
-        /// Index of the vCPU.
-        vcpu: u32,
-        /// Its error.
-        error: String,
-    },
-    /// The copy-on-write fault thread ([`CowMode::UserfaultfdWp`]) could
-    /// not break copy-on-write for a page a vCPU writes (out of memory or
-    /// memslots): that vCPU cannot make progress.
-    CopyOnWrite {
-        /// The error.
-        error: String,
-    },
-}
-
-impl std::fmt::Display for StopCause {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StopCause::Requested => f.write_str("stop requested"),
-            StopCause::VcpuFailed { vcpu, error } => write!(f, "vcpu {vcpu} failed: {error}"),
-            StopCause::CopyOnWrite { error } => write!(f, "copy-on-write thread: {error}"),
-        }
-    }
-}
 
 /// Opens `/dev/kvm` and checks that it answers as KVM does (API version
 /// 12), so a missing, inaccessible or impostor device is one clear error
@@ -181,7 +72,7 @@ pub struct VmOptions {
     /// every period while the windows it watches grow denser, backing off
     /// to once a second while they do not, asleep while none is recorded
     /// (a fault that records one wakes it). Each call fills at most
-    /// [`DEFAULT_FILL_MAX_BYTES`]. `None` turns it off (a VMM may call
+    /// [`DEFAULT_FILL_MAX_BYTES`](crate::mm::DEFAULT_FILL_MAX_BYTES). `None` turns it off (a VMM may call
     /// `fill_dense` itself). Default [`DEFAULT_FILL_PERIOD`] (5 ms).
     pub fill_dense: Option<Duration>,
     /// How guest writes to copy-on-write memory are trapped (see
@@ -284,27 +175,6 @@ pub struct Vm {
     /// vCPUs created and not dropped.
     pub(crate) live_vcpus: AtomicU32,
 }
-
-/// Tells the watchdog thread to end.
-#[derive(Default)]
-struct WatchdogControl {
-    ended: Mutex<bool>,
-    wake: Condvar,
-}
-
-/// Tells the filler thread to end.
-#[derive(Default)]
-struct FillerControl {
-    ended: AtomicBool,
-}
-
-/// The longest the filler thread waits between calls while recorded
-/// windows exist but do not grow denser.
-const FILLER_IDLE_MAX: Duration = Duration::from_secs(1);
-
-/// How long the filler thread waits while nothing is recorded (a fault
-/// that records a window wakes it sooner).
-const FILLER_ASLEEP: Duration = Duration::from_secs(3600);
 
 /// A pause of every vCPU of a [`Vm`] (see [`Vm::pause`]); they resume when
 /// it drops.
@@ -661,81 +531,4 @@ impl Drop for Vm {
             }
         }
     }
-}
-
-/// Starts the filler thread of a VM (see [`VmOptions::fill_dense`]): it
-/// calls [`AddressSpace::fill_dense`], at most once per `period`; then
-/// waits `period` while the recorded windows grow denser (or something
-/// was filled), twice as long as last time while they do not (up to
-/// [`FILLER_IDLE_MAX`]), and until a fault records a window while none is.
-/// It holds the address space, not the VM, and ends when the VM drops
-/// (which joins it).
-fn spawn_filler(
-    space: Arc<AddressSpace>,
-    period: Duration,
-    control: Arc<FillerControl>,
-) -> Result<JoinHandle<()>, VmError> {
-    let ended = move || control.ended.load(Ordering::Acquire);
-    std::thread::Builder::new()
-        .name("guestmm-filler".into())
-        .spawn(move || {
-            let mut idle = period;
-            loop {
-                let seen = space.fill_generation();
-                let report = space.fill_dense(DEFAULT_FILL_MAX_BYTES);
-                idle = if report.pending == 0 {
-                    FILLER_ASLEEP
-                } else if report.filled_bytes > 0 || report.progress {
-                    period
-                } else {
-                    (idle * 2).min(FILLER_IDLE_MAX)
-                };
-                // At least `period` between calls, then the rest of the
-                // idle time unless a fault records a window.
-                std::thread::sleep(period);
-                if ended() {
-                    return;
-                }
-                if idle > period {
-                    space.wait_fill_work(seen, idle - period);
-                }
-                if ended() {
-                    return;
-                }
-            }
-        })
-        .map_err(|source| VmError::BadOption {
-            option: "fill_dense",
-            why: format!("cannot start its thread: {source}"),
-        })
-}
-
-/// Starts the watchdog thread of a VM: every half `period` it kicks the
-/// vCPUs inside `KVM_RUN` for longer than `period`. It ends when the VM
-/// drops.
-fn spawn_watchdog(
-    vm: Weak<Vm>,
-    period: Duration,
-    control: Arc<WatchdogControl>,
-) -> Result<(), VmError> {
-    std::thread::Builder::new()
-        .name("guestmm-watchdog".into())
-        .spawn(move || loop {
-            let ended = control.ended.lock().unwrap_or_else(|e| e.into_inner());
-            let (ended, _) = control
-                .wake
-                .wait_timeout_while(ended, period / 2, |ended| !*ended)
-                .unwrap_or_else(|e| e.into_inner());
-            if *ended {
-                return;
-            }
-            drop(ended);
-            let Some(vm) = vm.upgrade() else { return };
-            vm.kick_overdue(period);
-        })
-        .map(|_| ())
-        .map_err(|source| VmError::BadOption {
-            option: "watchdog",
-            why: format!("cannot start its thread: {source}"),
-        })
 }

@@ -5,28 +5,32 @@
 //! KVM cannot walk guest page tables through an exit); RAM is a lazy private
 //! anonymous vma, or a precommitted one in eager mode (the baseline: one
 //! slot registered up front).
+//!
+//! The vCPU side (the hypercall handler, the vCPU threads) is in
+//! `vmm/runner/vcpus.rs`; the template file and the decommit thread in
+//! `vmm/runner/host.rs`.
 
-use std::io::Write;
-use std::os::unix::fs::FileExt;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 
 use super::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
-use super::guests::{cow_pattern, Guest};
-use super::hypercall::{self, Hypercall};
+use super::guests::Guest;
 use crate::kvm::{
-    Action, CowMode, EmulationFailure, ExitHandler, KvmStats, KvmStatsReader, MemoryViolation,
-    MergePolicy, Vcpu, VcpuStop, Vm, VmOptions, VmStats,
+    CowMode, KvmStats, KvmStatsReader, MemoryViolation, MergePolicy, VcpuStop, Vm, VmOptions,
+    VmStats,
 };
 use crate::memfile::{MemoryFile, MemoryFileOptions};
-use crate::mm::{
-    AddressSpace, AddressSpaceOptions, HostFile, IoOpts, MapOpts, Mappable, MapsEntry, MmError,
-    Stats,
-};
+use crate::mm::{AddressSpaceOptions, IoOpts, MapOpts, Mappable, MapsEntry, Stats};
 use crate::perms::Perms;
 use crate::range::HUGE_PAGE_SIZE;
+
+mod host;
+mod vcpus;
+
+use host::{first_pattern_mismatch, make_template, Decommitter};
+use vcpus::{run_vcpus, Shared};
 
 /// How to run a guest.
 #[derive(Debug, Clone)]
@@ -179,138 +183,6 @@ impl GuestReport {
             line.push_str(f);
         }
         line
-    }
-}
-
-/// Shared per-run state the vCPU handlers write into.
-#[derive(Default)]
-struct Shared {
-    console: String,
-    marks: Vec<(u32, u32, Duration)>,
-    violations: Vec<MemoryViolation>,
-    errors: Vec<String>,
-}
-
-/// The VMM side of the hypercall ABI for one vCPU.
-struct GuestHandler {
-    shared: Arc<Mutex<Shared>>,
-    start: Instant,
-    exit_code: Option<u32>,
-    template: Option<Arc<HostFile>>,
-}
-
-impl GuestHandler {
-    fn fail(&self, what: String) -> Action {
-        self.shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .errors
-            .push(what);
-        Action::Stop
-    }
-}
-
-impl ExitHandler for GuestHandler {
-    fn io_out(&mut self, vcpu: &Vcpu, port: u16, data: &[u8]) -> Action {
-        let index = vcpu.index();
-        let regs = if hypercall::needs_regs(port) {
-            match vcpu.fd().get_regs() {
-                Ok(r) => r,
-                Err(e) => return self.fail(format!("get_regs: {e}")),
-            }
-        } else {
-            Default::default()
-        };
-        let call = match hypercall::decode(port, data, &regs) {
-            Ok(c) => c,
-            Err(e) => return self.fail(format!("vcpu {index}: {e}")),
-        };
-        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        match call {
-            Hypercall::Console(b) => shared.console.push(char::from(b)),
-            Hypercall::Mark(n) => shared.marks.push((index, n, self.start.elapsed())),
-            Hypercall::Exit(code) => {
-                self.exit_code = Some(code);
-                return Action::Stop;
-            }
-            Hypercall::Protect { gpa, len, perms } => {
-                if let Err(e) = vcpu.vm().space().protect(gpa, len, perms) {
-                    shared
-                        .errors
-                        .push(format!("vcpu {index}: protect {gpa:#x}+{len:#x}: {e}"));
-                    return Action::Stop;
-                }
-            }
-            Hypercall::MapTemplate { gpa, len } => {
-                let Some(t) = &self.template else {
-                    shared
-                        .errors
-                        .push(format!("vcpu {index}: MAP_TEMPLATE without a template"));
-                    return Action::Stop;
-                };
-                let opts = MapOpts::object(t.clone() as Arc<dyn Mappable>, 0, len)
-                    .fixed_replace(gpa)
-                    .name("template");
-                if let Err(e) = vcpu.vm().space().map(opts) {
-                    shared
-                        .errors
-                        .push(format!("vcpu {index}: map template at {gpa:#x}: {e}"));
-                    return Action::Stop;
-                }
-            }
-            Hypercall::SetCr3 { cr3 } => {
-                drop(shared);
-                let fd = vcpu.fd();
-                let set = fd.get_sregs().and_then(|mut s| {
-                    s.cr3 = cr3;
-                    fd.set_sregs(&s)
-                });
-                if let Err(e) = set {
-                    return self.fail(format!("vcpu {index}: set cr3: {e}"));
-                }
-            }
-        }
-        Action::Continue
-    }
-
-    fn violation(&mut self, _vcpu: &Vcpu, v: &MemoryViolation) -> Action {
-        log::info!("violation: {v}");
-        self.shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .violations
-            .push(v.clone());
-        Action::Continue
-    }
-
-    fn emulation_failure(&mut self, _vcpu: &Vcpu, f: &EmulationFailure) -> Action {
-        log::info!("emulation failure: {f}");
-        if let Some(v) = &f.violation {
-            self.shared
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .violations
-                .push(v.clone());
-        }
-        Action::Stop
-    }
-
-    fn hlt(&mut self, vcpu: &Vcpu) -> Action {
-        self.fail(format!("vcpu {}: hlt", vcpu.index()))
-    }
-
-    fn shutdown(&mut self, vcpu: &Vcpu) -> Action {
-        let rip = vcpu.fd().get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
-        self.fail(format!(
-            "vcpu {}: shutdown (triple fault) at rip {rip:#x}",
-            vcpu.index()
-        ))
-    }
-
-    fn unhandled(&mut self, index: u32, reason: u32, _run: &mut kvm_bindings::kvm_run) -> Action {
-        self.fail(format!(
-            "vcpu {index}: unexpected exit (exit_reason {reason})"
-        ))
     }
 }
 
@@ -575,160 +447,4 @@ pub(crate) fn new_guest_vm(
         ram_size,
         args,
     })
-}
-
-/// The host thread of [`RunOptions::decommit_every`].
-struct Decommitter {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<Result<u64, MmError>>,
-}
-
-impl Decommitter {
-    fn start(space: Arc<AddressSpace>, gpa: u64, len: u64, period: Duration) -> Decommitter {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut count = 0;
-            while !flag.load(std::sync::atomic::Ordering::Acquire) {
-                std::thread::sleep(period);
-                space.decommit(gpa, len)?;
-                count += 1;
-            }
-            Ok(count)
-        });
-        Decommitter { stop, thread }
-    }
-
-    /// Stops the thread; returns how many decommits it made.
-    fn finish(self) -> Result<u64, MmError> {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
-        self.thread.join().unwrap_or(Ok(0))
-    }
-}
-
-/// What each vCPU thread ended with: its EXIT code and how `run_with`
-/// returned (errors as text).
-type VcpuResult = (Option<u32>, Result<VcpuStop, String>);
-
-/// Runs every vCPU on its own thread until each stops, or until `timeout`:
-/// then the VM is stopped and each vCPU's RIP is reported (second value);
-/// a vCPU that does not leave `KVM_RUN` even then is reported and its thread
-/// left behind, so a hung guest never hangs the runner.
-fn run_vcpus(
-    vcpus: Vec<Vcpu>,
-    shared: &Arc<Mutex<Shared>>,
-    start: Instant,
-    template: Option<Arc<HostFile>>,
-    timeout: Duration,
-) -> (Vec<VcpuResult>, Vec<String>) {
-    let n = vcpus.len();
-    let vm = vcpus.first().map(|v| v.vm().clone());
-    let (tx, rx) = mpsc::channel();
-    for mut vcpu in vcpus {
-        let tx = tx.clone();
-        let mut h = GuestHandler {
-            shared: shared.clone(),
-            start,
-            exit_code: None,
-            template: template.clone(),
-        };
-        std::thread::spawn(move || {
-            let r = vcpu.run_with(&mut h).map_err(|e| e.to_string());
-            let rip = vcpu.fd().get_regs().map_or(u64::MAX, |r| r.rip);
-            let _ = tx.send((vcpu.index(), (h.exit_code, r), rip));
-        });
-    }
-    drop(tx);
-    let mut results: Vec<Option<VcpuResult>> = (0..n).map(|_| None).collect();
-    let mut rips = vec![0; n];
-    let mut late = vec![false; n];
-    let deadline = start + timeout;
-    let mut timed_out = false;
-    let mut received = 0;
-    while received < n {
-        let wait = if timed_out {
-            Duration::from_secs(5)
-        } else {
-            deadline.saturating_duration_since(Instant::now())
-        };
-        match rx.recv_timeout(wait) {
-            Ok((i, result, rip)) => {
-                results[i as usize] = Some(result);
-                rips[i as usize] = rip;
-                late[i as usize] = timed_out;
-                received += 1;
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) if !timed_out => {
-                timed_out = true;
-                if let Some(vm) = &vm {
-                    vm.stop();
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    let mut stuck = Vec::new();
-    if timed_out {
-        for (i, r) in results.iter().enumerate() {
-            match r {
-                Some(_) if late[i] => stuck.push(format!("vcpu {i} at rip {:#x}", rips[i])),
-                Some(_) => {}
-                None => stuck.push(format!("vcpu {i} never left KVM_RUN")),
-            }
-        }
-    }
-    let results = results
-        .into_iter()
-        .map(|r| r.unwrap_or((None, Err("vcpu thread did not return".into()))))
-        .collect();
-    (results, stuck)
-}
-
-/// A private temporary file of `size` bytes filled with the COW pattern.
-fn make_template(size: u64, on_disk: bool) -> Result<(std::fs::File, Arc<HostFile>), RunError> {
-    let mut file = if on_disk {
-        let path = std::env::temp_dir().join(format!(
-            "guestmm-template-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
-        std::fs::remove_file(&path)?;
-        file
-    } else {
-        // A memfd: shmem, so userfaultfd can write-protect its pages
-        // (CowMode::UserfaultfdWp); a file on disk keeps read-only slots.
-        // SAFETY: a NUL-terminated name and valid flags.
-        let fd = unsafe { libc::memfd_create(c"guestmm-template".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        // SAFETY: `fd` was just created and is owned by nobody else.
-        unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
-    };
-    let mut buf = Vec::with_capacity(size as usize);
-    for off in (0..size).step_by(8) {
-        buf.extend_from_slice(&cow_pattern(off).to_le_bytes());
-    }
-    file.write_all(&buf)?;
-    let hf = HostFile::new(file.try_clone()?, false)?;
-    Ok((file, hf))
-}
-
-/// The first offset where `file` no longer holds the COW pattern.
-fn first_pattern_mismatch(file: &std::fs::File, size: u64) -> Result<Option<u64>, RunError> {
-    let mut buf = vec![0u8; size as usize];
-    file.read_exact_at(&mut buf, 0)?;
-    Ok(buf
-        .chunks_exact(8)
-        .enumerate()
-        .find(|(i, w)| {
-            u64::from_le_bytes((*w).try_into().expect("8 bytes")) != cow_pattern(*i as u64 * 8)
-        })
-        .map(|(i, _)| i as u64 * 8))
 }
