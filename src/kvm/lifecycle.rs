@@ -22,6 +22,7 @@ use kvm_ioctls::Kvm;
 
 use super::vcpu_state::{StateError, VcpuState, VmState};
 use super::{Vcpu, Vm, VmError, VmOptions};
+use crate::dirty::DirtyPages;
 use crate::memfile::MemoryFile;
 use crate::mm::{HostFile, MapOpts, Mappable, MmError};
 use crate::range::GuestRange;
@@ -59,6 +60,16 @@ pub enum LifecycleError {
     /// A diff snapshot needs dirty tracking started at (or before) its base.
     #[error("a diff snapshot needs dirty tracking (Vm::start_dirty_tracking) since its base")]
     NotTracking,
+    /// A diff was asked for against a snapshot that is not this VM's last
+    /// full snapshot taken with dirty tracking on (tracking restarted since,
+    /// or the base is another VM's, or a diff).
+    #[error("{} (id {id:#x}) is not this VM's last full snapshot taken with dirty tracking on", path.display())]
+    NotTrackedSince {
+        /// The base asked for.
+        path: PathBuf,
+        /// Its id.
+        id: u64,
+    },
     /// A diff snapshot's base is not the snapshot it was taken against.
     #[error("base snapshot {path} has id {found:#x}, the diff needs {expected:#x}")]
     WrongBase {
@@ -69,6 +80,22 @@ pub enum LifecycleError {
         /// The id found.
         found: u64,
     },
+}
+
+/// The base of a VM's diff snapshots: its last full snapshot taken with
+/// dirty tracking on, and the pages dirtied since (every
+/// [`Vm::take_dirty`] folds into them).
+#[derive(Debug)]
+pub(crate) struct DiffBase {
+    pub id: u64,
+    pub dirty: DirtyPages,
+}
+
+impl Vm {
+    /// The diff base (a leaf lock).
+    pub(crate) fn diff_base_locked(&self) -> std::sync::MutexGuard<'_, Option<DiffBase>> {
+        self.diff_base.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Checks that `vcpus` are all of `vm`'s vCPUs, each once.
@@ -96,9 +123,11 @@ pub enum SnapshotMode {
     /// Every populated page.
     #[default]
     Full,
-    /// Only the pages dirtied since the snapshot at `base` was taken (dirty
-    /// tracking must have been on since then: [`Vm::start_dirty_tracking`]
-    /// before taking the base).
+    /// Only the pages dirtied since the full snapshot at `base` was taken:
+    /// it must be this VM's last full snapshot, taken with dirty tracking
+    /// on ([`Vm::start_dirty_tracking`] before it) and tracking not
+    /// restarted since. Diffs are cumulative: each holds every page dirtied
+    /// since the base, so any one of them restores over the base alone.
     Diff {
         /// The base snapshot.
         base: PathBuf,
@@ -175,6 +204,13 @@ impl Vm {
                     return Err(LifecycleError::NotTracking);
                 }
                 let meta = Snapshot::open(base)?.meta().clone();
+                let tracked = self.diff_base_locked().as_ref().map(|b| b.id);
+                if tracked != Some(meta.id) {
+                    return Err(LifecycleError::NotTrackedSince {
+                        path: base.clone(),
+                        id: meta.id,
+                    });
+                }
                 let file_name = base
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -191,19 +227,26 @@ impl Vm {
             .map(|v| v.save_state().map(|s| s.to_bytes()))
             .collect::<Result<Vec<_>, _>>()?;
         let vm_state = VmState::save(self.vm_fd())?.to_bytes();
-        let dirty = if self.space().is_dirty_tracking() {
-            Some(self.take_dirty()?.ranges())
-        } else {
-            None
-        };
-        let diff = match (&base, &dirty) {
-            (Some(base), Some(dirty)) => Some(DiffOf {
-                base: base.clone(),
-                dirty,
-            }),
-            _ => None,
-        };
-        let report = snapshot::save(
+        let tracking = self.space().is_dirty_tracking();
+        // Folds what is dirty now into the pages dirty since the base
+        // (Vm::take_dirty does): a diff holds all of them, however many
+        // diffs were taken against the same base before.
+        let mut dirty = Vec::new();
+        if tracking {
+            self.take_dirty()?;
+            if base.is_some() {
+                dirty = self
+                    .diff_base_locked()
+                    .as_ref()
+                    .map(|b| b.dirty.ranges())
+                    .unwrap_or_default();
+            }
+        }
+        let diff = base.as_ref().map(|base| DiffOf {
+            base: base.clone(),
+            dirty: &dirty,
+        });
+        let saved = snapshot::save(
             path,
             SaveRequest {
                 space: self.space(),
@@ -212,7 +255,19 @@ impl Vm {
                 vm_state,
                 diff,
             },
-        )?;
+        );
+        if base.is_none() {
+            // A new full snapshot is the base of the next diffs (if
+            // tracking); one that failed is the base of none.
+            *self.diff_base_locked() = match (&saved, tracking) {
+                (Ok(r), true) => Some(DiffBase {
+                    id: r.id,
+                    dirty: DirtyPages::new(),
+                }),
+                _ => None,
+            };
+        }
+        let report = saved?;
         log::info!(
             "snapshot {}: {} data bytes, {} file bytes",
             path.display(),

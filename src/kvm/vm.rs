@@ -174,6 +174,8 @@ pub struct Vm {
     cow_thread: Mutex<Option<FaultThread>>,
     /// vCPUs created and not dropped.
     pub(crate) live_vcpus: AtomicU32,
+    /// The base of diff snapshots (see `kvm/lifecycle.rs`).
+    pub(crate) diff_base: Mutex<Option<super::lifecycle::DiffBase>>,
 }
 
 /// A pause of every vCPU of a [`Vm`] (see [`Vm::pause`]); they resume when
@@ -297,6 +299,7 @@ impl Vm {
             cow_mode,
             cow_thread: Mutex::new(None),
             live_vcpus: AtomicU32::new(0),
+            diff_base: Mutex::new(None),
         });
         if let Some(uffd) = uffd {
             let weak = Arc::downgrade(&vm);
