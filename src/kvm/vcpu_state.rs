@@ -60,6 +60,8 @@ use kvm_bindings::{
 use self::codec::{malformed, Reader, Section, Writer};
 use self::msrs::{get_msrs, set_msrs};
 use self::sys::{get_xsave, set_xsave, xsave_size, MAX_XSAVE_WORDS, XSAVE_LEGACY};
+use kvm_ioctls::{VcpuFd, VmFd};
+
 use super::Vcpu;
 
 /// Why a state could not be saved, restored or decoded.
@@ -251,6 +253,46 @@ impl VcpuState {
         self.lapic.as_ref()
     }
 
+    /// Restores this state into the KVM vCPU `fd` of VM `vm`, for a VMM
+    /// that drives raw kvm-ioctls vCPUs ([`Vcpu::restore_state`] is the
+    /// same for guestmm's). For a fresh vCPU (one that has not run): on
+    /// one that ran, a CPUID other than its own is
+    /// [`StateError::CpuidRejected`]. A failure part-way leaves the vCPU
+    /// partly restored: discard it.
+    pub fn restore_to(&self, fd: &VcpuFd, vm: &VmFd) -> Result<()> {
+        let state = self;
+        if let Some(khz) = state.tsc_khz {
+            // Only when it differs: setting needs KVM_CAP_TSC_CONTROL.
+            if fd.get_tsc_khz().ok() != Some(khz) {
+                fd.set_tsc_khz(khz).map_err(kvm("KVM_SET_TSC_KHZ"))?;
+            }
+        }
+        let cpuid =
+            CpuId::from_entries(&state.cpuid).map_err(|e| malformed(format!("cpuid: {e:?}")))?;
+        fd.set_cpuid2(&cpuid).map_err(|source| {
+            if source.errno() == libc::EINVAL {
+                StateError::CpuidRejected { source }
+            } else {
+                kvm("KVM_SET_CPUID2")(source)
+            }
+        })?;
+        fd.set_mp_state(state.mp_state)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
+        fd.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        set_xsave(fd, xsave_size(vm), &state.xsave)?;
+        fd.set_xcrs(&state.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&state.debugregs)
+            .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        if let Some(l) = &state.lapic {
+            fd.set_lapic(l).map_err(kvm("KVM_SET_LAPIC"))?;
+        }
+        set_msrs(fd, &state.msrs)?;
+        fd.set_vcpu_events(&state.events)
+            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+
     /// The state as bytes (format version [`FORMAT_VERSION`]).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut w = Writer::new(VCPU_MAGIC);
@@ -412,37 +454,7 @@ impl Vcpu {
     /// than its own is [`StateError::CpuidRejected`]. A failure part-way
     /// leaves the vCPU partly restored: discard it.
     pub fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
-        let fd = self.fd();
-        if let Some(khz) = state.tsc_khz {
-            // Only when it differs: setting needs KVM_CAP_TSC_CONTROL.
-            if fd.get_tsc_khz().ok() != Some(khz) {
-                fd.set_tsc_khz(khz).map_err(kvm("KVM_SET_TSC_KHZ"))?;
-            }
-        }
-        let cpuid =
-            CpuId::from_entries(&state.cpuid).map_err(|e| malformed(format!("cpuid: {e:?}")))?;
-        fd.set_cpuid2(&cpuid).map_err(|source| {
-            if source.errno() == libc::EINVAL {
-                StateError::CpuidRejected { source }
-            } else {
-                kvm("KVM_SET_CPUID2")(source)
-            }
-        })?;
-        fd.set_mp_state(state.mp_state)
-            .map_err(kvm("KVM_SET_MP_STATE"))?;
-        fd.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
-        fd.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
-        set_xsave(fd, xsave_size(self.vm().vm_fd()), &state.xsave)?;
-        fd.set_xcrs(&state.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
-        fd.set_debug_regs(&state.debugregs)
-            .map_err(kvm("KVM_SET_DEBUGREGS"))?;
-        if let Some(l) = &state.lapic {
-            fd.set_lapic(l).map_err(kvm("KVM_SET_LAPIC"))?;
-        }
-        set_msrs(fd, &state.msrs)?;
-        fd.set_vcpu_events(&state.events)
-            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
-        Ok(())
+        state.restore_to(self.fd(), self.vm().vm_fd())
     }
 
     /// Completes an exit KVM finishes only on the next `KVM_RUN` (the
