@@ -298,7 +298,13 @@ pub fn run_guest(kvm: &Kvm, guest: &Guest, opts: &RunOptions) -> Result<GuestRep
                 failures.push(format!("unsupported on this host (exit {code})"))
             }
             Some(code) => failures.push(format!("vcpu {i} exit code {code}")),
-            None if failures.is_empty() => failures.push(format!("vcpu {i} never exited")),
+            None if failures.is_empty() => failures.push(match r {
+                Ok(VcpuStop::EmulationFailure(f)) => {
+                    format!("vcpu {i} stopped on an instruction it could not complete: {f}")
+                }
+                Ok(VcpuStop::Violation(v)) => format!("vcpu {i} stopped on a violation: {v}"),
+                _ => format!("vcpu {i} never exited"),
+            }),
             None => {}
         }
     }
