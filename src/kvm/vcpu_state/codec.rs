@@ -225,6 +225,14 @@ pub(super) fn sections<'a>(
     if stored != computed {
         return Err(StateError::BadChecksum { stored, computed });
     }
+    // The formats know a dozen sections: a count far above that is a
+    // crafted file, refused before any per-section work (the duplicate
+    // check below is quadratic).
+    if count > MAX_SECTIONS {
+        return Err(malformed(format!(
+            "{what}: {count} sections (at most {MAX_SECTIONS})"
+        )));
+    }
     let mut r = Reader::new(&data[r.pos..], what);
     let mut out: Vec<Section<'a>> = Vec::new();
     for _ in 0..count {
@@ -239,6 +247,9 @@ pub(super) fn sections<'a>(
     r.done()?;
     Ok(out)
 }
+
+/// The most sections a state blob may have (the formats use fewer than 20).
+const MAX_SECTIONS: u32 = 64;
 
 /// FNV-1a, 64 bits: catches corruption; not a defence against tampering.
 fn fnv1a(bytes: &[u8]) -> u64 {

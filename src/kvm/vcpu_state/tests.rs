@@ -83,3 +83,18 @@ fn resealed_corruption_of_every_byte_never_panics() {
         }
     }
 }
+
+#[test]
+fn a_crafted_flood_of_sections_is_refused_at_once() {
+    // 200,000 empty sections with distinct tags and a valid checksum: a
+    // quadratic duplicate check would take seconds; it is refused by count.
+    let mut w = super::codec::Writer::new(VCPU_MAGIC);
+    for tag in 0..200_000u32 {
+        w.section(tag + 1000, |_| {});
+    }
+    let bytes = w.finish();
+    let start = std::time::Instant::now();
+    let err = VcpuState::from_bytes(&bytes).unwrap_err();
+    assert!(err.to_string().contains("sections"), "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(1));
+}
