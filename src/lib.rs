@@ -184,9 +184,9 @@
 //! AddressSpace.fill_signal        Mutex: the fill-work generation (a leaf, held
 //!                                 alone: the fault path bumps it after releasing
 //!                                 `active`; the filler thread waits on it)
-//! Vm.diff_base                    Mutex: the last full snapshot and the pages dirty
-//!                                 since (a leaf, held alone: `Vm::take_dirty` takes
-//!                                 it after the address space's take returned)
+//! Vm.diff_base                    Mutex: the last full snapshot and its layout (a
+//!                                 leaf, held alone; the pages dirty since it live
+//!                                 under the address space's dirty-tracking control)
 //! ```
 //!
 //! Exceptions, written out:

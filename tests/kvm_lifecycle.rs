@@ -187,7 +187,8 @@ fn diff_snapshot_restores_over_its_base() {
     // RAM equals the original's.
     let out = run_until(&mut vcpus[0], Some(12), TIMEOUT);
     assert!(out.at_mark, "{out:?}");
-    assert!(!vm.take_dirty().unwrap().is_empty());
+    // Even through the address space, a take does not rob the next diff.
+    assert!(!vm.space().take_dirty().unwrap().is_empty());
     let diff2 = TempSnap::new("diff2");
     let d2 = vm
         .snapshot(
@@ -329,4 +330,72 @@ fn a_parent_protected_by_read_only_slots_and_its_clone_both_pass() {
     assert_eq!(out.exit_failure(), None, "clone: {out:?}");
     vm.space().check_invariants().unwrap();
     c.vm.space().check_invariants().unwrap();
+}
+
+#[test]
+fn a_diff_across_a_layout_change_and_an_irqchip_vm_are_refused() {
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
+    let guest = guests::find("lifecycle").unwrap();
+    let (base, diff) = (TempSnap::new("lbase"), TempSnap::new("ldiff"));
+    let (vm, mut vcpus, _mf, out) = boot_to_mark(&kvm, guest, &opts(8), LIFECYCLE_MARK).unwrap();
+    assert!(out.at_mark);
+    vm.start_dirty_tracking().unwrap();
+    vm.snapshot(&mut vcpus, &base.0, SnapshotMode::Full)
+        .unwrap();
+    // A new vma since the base: pages the diff does not hold would read
+    // the base's (nothing there) instead of the new mapping's.
+    vm.space()
+        .map(guestmm::mm::MapOpts::anonymous(2 << 20).fixed(8 << 30))
+        .unwrap();
+    let err = vm.snapshot(
+        &mut vcpus,
+        &diff.0,
+        SnapshotMode::Diff {
+            base: base.0.clone(),
+        },
+    );
+    assert!(
+        matches!(err, Err(LifecycleError::LayoutChanged { .. })),
+        "{err:?}"
+    );
+    assert!(!diff.0.exists());
+    // Saving a working set when not recording would replace a good record
+    // with an empty one.
+    assert!(matches!(
+        vm.save_working_set(&base.0),
+        Err(LifecycleError::NotRecording)
+    ));
+
+    // A VM with an in-kernel irqchip: refused, not a snapshot that cannot
+    // be restored.
+    let mf = memfile();
+    let irq = Vm::new(&kvm, mf, guestmm::kvm::VmOptions::default()).unwrap();
+    irq.vm_fd().create_irq_chip().unwrap();
+    let mut v = vec![irq.create_vcpu(0).unwrap()];
+    let err = irq.snapshot(&mut v, &diff.0, SnapshotMode::Full);
+    assert!(matches!(err, Err(LifecycleError::Irqchip)), "{err:?}");
+    let err = irq.clone_vm(&kvm, &mut v, CloneOptions::default());
+    assert!(matches!(err, Err(LifecycleError::Irqchip)), "{err:?}");
+}
+
+#[test]
+fn a_new_snapshot_drops_the_working_set_of_the_file_it_replaces() {
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
+    let guest = guests::find("lifecycle").unwrap();
+    let snap = TempSnap::new("stale");
+    let (vm, mut vcpus, _mf, out) = boot_to_mark(&kvm, guest, &opts(8), LIFECYCLE_MARK).unwrap();
+    assert!(out.at_mark);
+    vm.snapshot(&mut vcpus, &snap.0, SnapshotMode::Full)
+        .unwrap();
+    let mut r = restore(&kvm, &snap.0, WorkingSetMode::Record);
+    run_to_exit(&mut r);
+    assert!(r.vm.save_working_set(&snap.0).unwrap() > 0);
+    assert!(working_set_path(&snap.0).exists());
+    vm.snapshot(&mut vcpus, &snap.0, SnapshotMode::Full)
+        .unwrap();
+    assert!(!working_set_path(&snap.0).exists());
 }

@@ -69,6 +69,9 @@ impl Vm {
             .iter_mut()
             .map(Vcpu::save_state)
             .collect::<Result<Vec<_>, _>>()?;
+        if states.iter().any(super::VcpuState::has_lapic) {
+            return Err(LifecycleError::Irqchip);
+        }
         let vm_state = VmState::save(self.vm_fd())?;
         let mut child_opts = opts.vm.unwrap_or_else(|| self.options().clone());
         child_opts.space = self.space().options().clone();

@@ -22,35 +22,25 @@ impl Vm {
     /// write-protection, removals) pauses the vCPUs for its duration, so a
     /// slot's log is harvested with nothing running.
     pub fn start_dirty_tracking(&self) -> Result<(), VmError> {
-        if !self.is_dirty_tracking() {
-            // Pages written before now were not tracked: no earlier
-            // snapshot can be a diff base.
-            *self.diff_base_locked() = None;
-        }
         Ok(self.space().start_dirty_tracking()?)
     }
 
     /// The pages written since tracking started or since the last take,
     /// and clears them. They still go into the next diff snapshot
-    /// ([`SnapshotMode::Diff`](super::SnapshotMode::Diff)): the VM keeps
-    /// the pages dirtied since its diff base. The vCPUs keep running: a write racing the take is
+    /// ([`SnapshotMode::Diff`](super::SnapshotMode::Diff)): the address
+    /// space keeps the pages dirtied since its diff base
+    /// ([`AddressSpace::dirty_since_base`](crate::mm::AddressSpace::dirty_since_base)). The vCPUs keep running: a write racing the take is
     /// reported by this take or the next, never lost.
     ///
     /// Not tracking: an empty set.
     pub fn take_dirty(&self) -> Result<DirtyPages, VmError> {
-        let pages = self.space().take_dirty()?;
-        // What a diff snapshot against the current base must still hold.
-        if let Some(base) = self.diff_base_locked().as_mut() {
-            base.dirty.union(&pages);
-        }
-        Ok(pages)
+        Ok(self.space().take_dirty()?)
     }
 
     /// Stops tracking (memslots drop `KVM_MEM_LOG_DIRTY_PAGES`) and forgets
     /// what was not taken.
     pub fn stop_dirty_tracking(&self) {
         self.space().stop_dirty_tracking();
-        *self.diff_base_locked() = None;
     }
 
     /// Whether dirty tracking is on.

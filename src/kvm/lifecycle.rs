@@ -22,7 +22,6 @@ use kvm_ioctls::Kvm;
 
 use super::vcpu_state::{StateError, VcpuState, VmState};
 use super::{Vcpu, Vm, VmError, VmOptions};
-use crate::dirty::DirtyPages;
 use crate::memfile::MemoryFile;
 use crate::mm::{HostFile, MapOpts, Mappable, MmError};
 use crate::range::GuestRange;
@@ -70,6 +69,22 @@ pub enum LifecycleError {
         /// Its id.
         id: u64,
     },
+    /// The address space was mapped, unmapped or remapped since the diff's
+    /// base: pages a diff does not hold would come from the base's layout.
+    /// Take a full snapshot.
+    #[error("the layout changed since the base snapshot {id:#x}: take a full snapshot")]
+    LayoutChanged {
+        /// The base's id.
+        id: u64,
+    },
+    /// The VM has an in-kernel irqchip (its vCPUs have a LAPIC): its
+    /// IOAPIC, PIC and PIT state are not saved, and a restore or clone
+    /// could not recreate it before the vCPUs.
+    #[error("VMs with an in-kernel irqchip cannot be snapshotted or cloned yet")]
+    Irqchip,
+    /// [`Vm::save_working_set`] on a VM that is not recording.
+    #[error("the VM is not recording its working set (restore it with WorkingSetMode::Record)")]
+    NotRecording,
     /// A diff snapshot's base is not the snapshot it was taken against.
     #[error("base snapshot {path} has id {found:#x}, the diff needs {expected:#x}")]
     WrongBase {
@@ -83,18 +98,46 @@ pub enum LifecycleError {
 }
 
 /// The base of a VM's diff snapshots: its last full snapshot taken with
-/// dirty tracking on, and the pages dirtied since (every
-/// [`Vm::take_dirty`] folds into them).
+/// dirty tracking on (the pages dirtied since are the address space's:
+/// [`AddressSpace::dirty_since_base`](crate::mm::AddressSpace::dirty_since_base)),
+/// and its layout, which a diff must share.
 #[derive(Debug)]
 pub(crate) struct DiffBase {
     pub id: u64,
-    pub dirty: DirtyPages,
+    pub layout: Vec<LayoutKey>,
+}
+
+/// What a vma maps, for comparing layouts: its range, privacy and object
+/// (address and offset).
+pub(crate) type LayoutKey = (GuestRange, bool, Option<(usize, u64)>);
+
+/// The layout of `vm`'s address space, as [`LayoutKey`]s.
+fn layout_keys(vm: &Vm) -> Vec<LayoutKey> {
+    vm.space()
+        .layout()
+        .into_iter()
+        .map(|v| {
+            let object = v
+                .object
+                .as_ref()
+                .map(|(m, off)| (Arc::as_ptr(m) as *const () as usize, *off));
+            (v.range, v.private, object)
+        })
+        .collect()
 }
 
 impl Vm {
     /// The diff base (a leaf lock).
     pub(crate) fn diff_base_locked(&self) -> std::sync::MutexGuard<'_, Option<DiffBase>> {
         self.diff_base.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The base path of a diff `mode` (empty for a full snapshot).
+fn mode_base(mode: &SnapshotMode) -> PathBuf {
+    match mode {
+        SnapshotMode::Diff { base } => base.clone(),
+        SnapshotMode::Full => PathBuf::new(),
     }
 }
 
@@ -224,24 +267,41 @@ impl Vm {
         let _paused = self.pause()?;
         let states = vcpus
             .iter_mut()
-            .map(|v| v.save_state().map(|s| s.to_bytes()))
+            .map(Vcpu::save_state)
             .collect::<Result<Vec<_>, _>>()?;
+        if states.iter().any(VcpuState::has_lapic) {
+            return Err(LifecycleError::Irqchip);
+        }
+        let states: Vec<Vec<u8>> = states.iter().map(VcpuState::to_bytes).collect();
         let vm_state = VmState::save(self.vm_fd())?.to_bytes();
-        let tracking = self.space().is_dirty_tracking();
-        // Folds what is dirty now into the pages dirty since the base
-        // (Vm::take_dirty does): a diff holds all of them, however many
-        // diffs were taken against the same base before.
-        let mut dirty = Vec::new();
-        if tracking {
-            self.take_dirty()?;
-            if base.is_some() {
-                dirty = self
+        let layout = layout_keys(self);
+        let dirty = match &base {
+            None => {
+                // Now is the base of the next diffs (if tracking): what
+                // the guest or host dirties from here on is theirs.
+                *self.diff_base_locked() = None;
+                self.space().mark_dirty_base()?;
+                Vec::new()
+            }
+            Some(b) => {
+                let same_layout = self
                     .diff_base_locked()
                     .as_ref()
-                    .map(|b| b.dirty.ranges())
-                    .unwrap_or_default();
+                    .is_some_and(|d| d.layout == layout);
+                if !same_layout {
+                    return Err(LifecycleError::LayoutChanged { id: b.id });
+                }
+                match self.space().dirty_since_base()? {
+                    Some(pages) => pages.ranges(),
+                    None => {
+                        return Err(LifecycleError::NotTrackedSince {
+                            path: mode_base(&mode),
+                            id: b.id,
+                        })
+                    }
+                }
             }
-        }
+        };
         let diff = base.as_ref().map(|base| DiffOf {
             base: base.clone(),
             dirty: &dirty,
@@ -257,16 +317,17 @@ impl Vm {
             },
         );
         if base.is_none() {
-            // A new full snapshot is the base of the next diffs (if
-            // tracking); one that failed is the base of none.
-            *self.diff_base_locked() = match (&saved, tracking) {
-                (Ok(r), true) => Some(DiffBase {
-                    id: r.id,
-                    dirty: DirtyPages::new(),
-                }),
-                _ => None,
-            };
+            // A full snapshot written while tracking is the base of the
+            // next diffs; one that failed is the base of none.
+            match &saved {
+                Ok(r) if self.space().is_dirty_tracking() => {
+                    *self.diff_base_locked() = Some(DiffBase { id: r.id, layout });
+                }
+                _ => self.space().clear_dirty_base(),
+            }
         }
+        // A working-set record next to `path` belongs to the file replaced.
+        let _ = std::fs::remove_file(working_set_path(path));
         let report = saved?;
         log::info!(
             "snapshot {}: {} data bytes, {} file bytes",
@@ -284,6 +345,11 @@ impl Vm {
     /// state. A diff snapshot is restored over its base (`opts.base`). With
     /// [`WorkingSetMode::Replay`] and a record next to the snapshot, the
     /// record's windows are prefetched before this returns.
+    ///
+    /// Restored memory is a private mapping of a regular file, which
+    /// userfaultfd cannot write-protect: a first write to each 2 MiB chunk
+    /// exits and is completed by the host (README, "Atomicity"); populate
+    /// memory that vCPUs update with locked instructions for write first.
     ///
     /// Errors: the snapshot (or its base, or its record) is refused (see
     /// [`SnapshotError`]: bad magic, version, truncation, checksums,
@@ -393,7 +459,7 @@ impl Vm {
                     // is worth reading in ahead (a diff's holes are its
                     // base's data: fill everything).
                     let fill = (base.is_none()).then_some(meta.data.as_slice());
-                    prefetched_bytes = space.prefetch(&ws.windows, fill)?;
+                    prefetched_bytes = space.prefetch(&ws.windows, fill);
                 }
             }
             WorkingSetMode::Record => space.start_fault_record(),
@@ -419,8 +485,12 @@ impl Vm {
     /// ([`snapshot::working_set_path`]), for later restores to prefetch.
     /// Returns how many windows were saved.
     ///
-    /// Errors: writing the record failed.
+    /// Errors: not recording ([`LifecycleError::NotRecording`]: an empty
+    /// record would replace a good one); writing the record failed.
     pub fn save_working_set(&self, snapshot: &Path) -> Result<usize, LifecycleError> {
+        if !self.space().is_recording_faults() {
+            return Err(LifecycleError::NotRecording);
+        }
         let windows = self.space().take_fault_record();
         let n = windows.len();
         WorkingSet { windows }.save(&working_set_path(snapshot))?;

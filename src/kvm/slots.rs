@@ -353,6 +353,13 @@ impl SlotTable {
 
     /// Host virtual address of `gpa` inside the reservation, or `None` if
     /// `gpa` lies beyond it.
+    ///
+    /// For diagnostics, not for writing guest memory: the reservation maps
+    /// whatever is installed, which may be copy-on-write pages shared with
+    /// a fork, a clone or a snapshot's page cache (a read-only slot does
+    /// not make the host mapping read-only). Write guest memory through the
+    /// address space (`write_with`, `SpaceMemory`, the region view), which
+    /// copies first.
     pub fn host_addr(&self, gpa: u64) -> Option<u64> {
         (gpa < self.reservation.len()).then(|| self.reservation.host_addr(gpa))
     }

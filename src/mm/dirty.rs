@@ -55,9 +55,10 @@ use crate::range::GuestRange;
 pub(crate) struct Tracking {
     on: AtomicBool,
     log: Arc<DirtyLog>,
-    /// Serializes start, take and stop. Taken first and alone: above
-    /// `mapping` in the lock order.
-    control: Mutex<()>,
+    /// Serializes start, take and stop, and guards the pages dirty since
+    /// the base ([`AddressSpace::mark_dirty_base`]). Taken first and
+    /// alone: above `mapping` in the lock order.
+    control: Mutex<Option<DirtyPages>>,
 }
 
 impl Tracking {
@@ -68,7 +69,7 @@ impl Tracking {
         }
     }
 
-    fn control(&self) -> std::sync::MutexGuard<'_, ()> {
+    fn control(&self) -> std::sync::MutexGuard<'_, Option<DirtyPages>> {
         self.control.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -82,10 +83,12 @@ impl AddressSpace {
     ///
     /// Errors: the backend's ([`MmError::Backend`]); tracking stays off.
     pub fn start_dirty_tracking(&self) -> Result<(), MmError> {
-        let _control = self.dirty.control();
+        let mut control = self.dirty.control();
         if self.dirty.on.load(Ordering::Acquire) {
             return Ok(());
         }
+        // Nothing before this start was tracked: no base survives it.
+        *control = None;
         // Under `active`: no host write or install runs meanwhile, so each
         // is either before the start (not reported) or after (reported).
         let _active = self.lock_active();
@@ -107,18 +110,71 @@ impl AddressSpace {
     /// Errors: the backend's harvest ([`MmError::Backend`]); what was
     /// harvested before the failure stays for the next take.
     pub fn take_dirty(&self) -> Result<DirtyPages, MmError> {
-        let _control = self.dirty.control();
+        let mut control = self.dirty.control();
+        self.take_dirty_controlled(&mut control)
+    }
+
+    /// [`take_dirty`](Self::take_dirty) with the control lock held: the
+    /// pages taken also go into those dirty since the base, if one is set.
+    fn take_dirty_controlled(
+        &self,
+        since_base: &mut Option<DirtyPages>,
+    ) -> Result<DirtyPages, MmError> {
         if !self.dirty.on.load(Ordering::Acquire) {
             return Ok(DirtyPages::new());
         }
         self.backend.harvest_dirty()?;
-        Ok(self.dirty.log.take())
+        let pages = self.dirty.log.take();
+        if let Some(base) = since_base.as_mut() {
+            base.union(&pages);
+        }
+        Ok(pages)
+    }
+
+    /// Makes now the base of later [`dirty_since_base`](Self::dirty_since_base)
+    /// calls (a full snapshot about to be written): takes what is dirty
+    /// (discarded: the snapshot saves it) and starts an empty set that
+    /// every later take adds to, whoever calls it. Returns `false` (and
+    /// sets nothing) if not tracking.
+    ///
+    /// Errors: the backend's harvest; no base is set.
+    pub fn mark_dirty_base(&self) -> Result<bool, MmError> {
+        let mut control = self.dirty.control();
+        *control = None;
+        if !self.dirty.on.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        self.take_dirty_controlled(&mut control)?;
+        *control = Some(DirtyPages::new());
+        Ok(true)
+    }
+
+    /// Forgets the base ([`mark_dirty_base`](Self::mark_dirty_base)): its
+    /// snapshot was not written.
+    pub fn clear_dirty_base(&self) {
+        *self.dirty.control() = None;
+    }
+
+    /// Every page dirtied since the base ([`mark_dirty_base`](Self::mark_dirty_base)),
+    /// including those taken since by [`take_dirty`](Self::take_dirty)
+    /// (a diff snapshot's pages); `None` if there is no base (never set,
+    /// or tracking stopped or restarted since). Takes what is dirty now.
+    ///
+    /// Errors: the backend's harvest.
+    pub fn dirty_since_base(&self) -> Result<Option<DirtyPages>, MmError> {
+        let mut control = self.dirty.control();
+        if control.is_none() {
+            return Ok(None);
+        }
+        self.take_dirty_controlled(&mut control)?;
+        Ok(control.clone())
     }
 
     /// Stops tracking and forgets what was not taken. Not tracking:
     /// nothing happens.
     pub fn stop_dirty_tracking(&self) {
-        let _control = self.dirty.control();
+        let mut control = self.dirty.control();
+        *control = None;
         if !self.dirty.on.load(Ordering::Acquire) {
             return;
         }

@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use super::{AddressSpace, MmError};
+use super::AddressSpace;
 use crate::perms::Access;
 use crate::range::GuestRange;
 
@@ -71,17 +71,19 @@ impl AddressSpace {
     /// hole of the snapshot file would only read zeros into the page
     /// cache. Returns the bytes prefetched.
     ///
-    /// Errors: as [`populate`](Self::populate) for the first window that
-    /// fails (a window unmapped or protected since it was recorded); the
-    /// windows before it stay prefetched.
-    pub fn prefetch(
-        &self,
-        windows: &[(GuestRange, Access)],
-        fill: Option<&[GuestRange]>,
-    ) -> Result<u64, MmError> {
+    /// A record is advice: a window that cannot be populated for its
+    /// access (unmapped or protected since it was recorded, out of
+    /// memory) is skipped and logged, and the guest faults it in as usual.
+    pub fn prefetch(&self, windows: &[(GuestRange, Access)], fill: Option<&[GuestRange]>) -> u64 {
         let mut bytes = 0;
         for (range, access) in coalesce(windows) {
-            self.populate(range.start(), range.len(), access)?;
+            if let Err(e) = self.populate(range.start(), range.len(), access) {
+                log::info!(
+                    "space {}: prefetch of {range} ({access}) skipped: {e}",
+                    self.id
+                );
+                continue;
+            }
             let writable = access == Access::Write;
             let parts: Vec<GuestRange> = match fill {
                 None => vec![range],
@@ -102,7 +104,7 @@ impl AddressSpace {
             }
             bytes += range.len();
         }
-        Ok(bytes)
+        bytes
     }
 }
 
