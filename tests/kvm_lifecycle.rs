@@ -333,7 +333,7 @@ fn a_parent_protected_by_read_only_slots_and_its_clone_both_pass() {
 }
 
 #[test]
-fn a_diff_across_a_layout_change_and_an_irqchip_vm_are_refused() {
+fn a_diff_across_a_layout_change_is_refused() {
     let Some(kvm) = common::kvm_or_skip() else {
         return;
     };
@@ -367,17 +367,76 @@ fn a_diff_across_a_layout_change_and_an_irqchip_vm_are_refused() {
         vm.save_working_set(&base.0),
         Err(LifecycleError::NotRecording)
     ));
+}
 
-    // A VM with an in-kernel irqchip: refused, not a snapshot that cannot
-    // be restored.
-    let mf = memfile();
-    let irq = Vm::new(&kvm, mf, guestmm::kvm::VmOptions::default()).unwrap();
+/// A VM with an in-kernel irqchip and PIT: a restore and a clone recreate
+/// both before the vCPUs, with the saved PIC, IOAPIC, PIT and LAPIC state.
+#[test]
+fn an_irqchip_and_pit_travel_through_snapshots_and_clones() {
+    use guestmm::kvm::{VcpuState, VmState};
+    let Some(kvm) = common::kvm_or_skip() else {
+        return;
+    };
+    let snap = TempSnap::new("irqchip");
+    let irq = Vm::new(&kvm, memfile(), guestmm::kvm::VmOptions::default()).unwrap();
     irq.vm_fd().create_irq_chip().unwrap();
+    irq.vm_fd()
+        .create_pit2(kvm_bindings::kvm_pit_config::default())
+        .unwrap();
+    irq.space()
+        .map(
+            guestmm::mm::MapOpts::anonymous(2 << 20)
+                .fixed(0)
+                .name("ram"),
+        )
+        .unwrap();
     let mut v = vec![irq.create_vcpu(0).unwrap()];
-    let err = irq.snapshot(&mut v, &diff.0, SnapshotMode::Full);
-    assert!(matches!(err, Err(LifecycleError::Irqchip)), "{err:?}");
-    let err = irq.clone_vm(&kvm, &mut v, CloneOptions::default());
-    assert!(matches!(err, Err(LifecycleError::Irqchip)), "{err:?}");
+    // Distinctive state: the IOAPIC's first redirection entry, the PIT's
+    // channel 0 count, the LAPIC's task priority.
+    let mut ioapic = kvm_bindings::kvm_irqchip {
+        chip_id: 2,
+        ..Default::default()
+    };
+    irq.vm_fd().get_irqchip(&mut ioapic).unwrap();
+    // SAFETY: chip 2 is the IOAPIC member of the union.
+    unsafe { ioapic.chip.ioapic.redirtbl[0].bits = 0x1_0000_00a5 };
+    irq.vm_fd().set_irqchip(&ioapic).unwrap();
+    let mut pit = irq.vm_fd().get_pit2().unwrap();
+    pit.channels[0].count = 0x1234;
+    irq.vm_fd().set_pit2(&pit).unwrap();
+    let mut lapic = v[0].fd().get_lapic().unwrap();
+    lapic.regs[0x80] = 0x30; // TPR
+    v[0].fd().set_lapic(&lapic).unwrap();
+
+    let saved_vm = VmState::save(irq.vm_fd()).unwrap();
+    assert!(saved_vm.has_irqchip() && saved_vm.has_pit());
+    let saved_vcpu = v[0].save_state().unwrap();
+    irq.snapshot(&mut v, &snap.0, SnapshotMode::Full).unwrap();
+    let mut r = restore(&kvm, &snap.0, WorkingSetMode::Off);
+    let c = irq.clone_vm(&kvm, &mut v, CloneOptions::default()).unwrap();
+    for (what, vm, vcpu) in [
+        ("restored", &r.vm, &mut r.vcpus[0]),
+        ("clone", &c.vm, &mut { c.vcpus }[0]),
+    ] {
+        let got = VmState::save(vm.vm_fd()).unwrap();
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: 2,
+            ..Default::default()
+        };
+        vm.vm_fd().get_irqchip(&mut chip).unwrap();
+        // SAFETY: chip 2 is the IOAPIC member of the union.
+        let entry = unsafe { chip.chip.ioapic.redirtbl[0].bits };
+        assert_eq!(entry, 0x1_0000_00a5, "{what}: IOAPIC");
+        assert_eq!(
+            vm.vm_fd().get_pit2().unwrap().channels[0].count,
+            0x1234,
+            "{what}: PIT"
+        );
+        assert!(got.has_irqchip() && got.has_pit(), "{what}");
+        let state: VcpuState = vcpu.save_state().unwrap();
+        assert_eq!(state.lapic().unwrap().regs[0x80], 0x30, "{what}: LAPIC TPR");
+        assert_eq!(state.regs(), saved_vcpu.regs(), "{what}: registers");
+    }
 }
 
 #[test]

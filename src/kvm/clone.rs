@@ -69,9 +69,6 @@ impl Vm {
             .iter_mut()
             .map(Vcpu::save_state)
             .collect::<Result<Vec<_>, _>>()?;
-        if states.iter().any(super::VcpuState::has_lapic) {
-            return Err(LifecycleError::Irqchip);
-        }
         let vm_state = VmState::save(self.vm_fd())?;
         let mut child_opts = opts.vm.unwrap_or_else(|| self.options().clone());
         child_opts.space = self.space().options().clone();
@@ -82,6 +79,8 @@ impl Vm {
         for range in self.device_ranges() {
             child.add_device_range(range)?;
         }
+        // An in-kernel irqchip and PIT must exist before the vCPUs.
+        vm_state.create_devices(child.vm_fd())?;
         let mut child_vcpus = Vec::with_capacity(states.len());
         for (vcpu, state) in vcpus.iter().zip(&states) {
             let mut c = child.create_vcpu(vcpu.index())?;

@@ -77,11 +77,6 @@ pub enum LifecycleError {
         /// The base's id.
         id: u64,
     },
-    /// The VM has an in-kernel irqchip (its vCPUs have a LAPIC): its
-    /// IOAPIC, PIC and PIT state are not saved, and a restore or clone
-    /// could not recreate it before the vCPUs.
-    #[error("VMs with an in-kernel irqchip cannot be snapshotted or cloned yet")]
-    Irqchip,
     /// [`Vm::save_working_set`] on a VM that is not recording.
     #[error("the VM is not recording its working set (restore it with WorkingSetMode::Record)")]
     NotRecording,
@@ -269,9 +264,6 @@ impl Vm {
             .iter_mut()
             .map(Vcpu::save_state)
             .collect::<Result<Vec<_>, _>>()?;
-        if states.iter().any(VcpuState::has_lapic) {
-            return Err(LifecycleError::Irqchip);
-        }
         let states: Vec<Vec<u8>> = states.iter().map(VcpuState::to_bytes).collect();
         let vm_state = VmState::save(self.vm_fd())?.to_bytes();
         let layout = layout_keys(self);
@@ -440,6 +432,9 @@ impl Vm {
         for &d in &meta.devices {
             vm.add_device_range(d)?;
         }
+        // An in-kernel irqchip and PIT must exist before the vCPUs.
+        let vm_state = VmState::from_bytes(&meta.vm_state)?;
+        vm_state.create_devices(vm.vm_fd())?;
         let mut vcpus = Vec::with_capacity(meta.vcpus.len());
         for (i, bytes) in meta.vcpus.iter().enumerate() {
             let state = VcpuState::from_bytes(bytes)?;
@@ -447,7 +442,7 @@ impl Vm {
             v.restore_state(&state)?;
             vcpus.push(v);
         }
-        VmState::from_bytes(&meta.vm_state)?.restore(vm.vm_fd())?;
+        vm_state.restore(vm.vm_fd())?;
         let (mut prefetched_windows, mut prefetched_bytes) = (0, 0);
         match opts.working_set {
             WorkingSetMode::Replay => {

@@ -11,10 +11,11 @@
 //!                regs, LAPIC, MSRs, vCPU events
 //! ```
 //!
-//! Guest memory is not part of either: the VMM copies or shares it. Nor is
-//! device state: an in-kernel irqchip's IOAPIC/PIC and a PIT belong to the
-//! VMM that created them (`KVM_GET_IRQCHIP`, `KVM_GET_PIT2`), as do its own
-//! devices.
+//! [`VmState`] holds the kvm-clock and, when the VM has them, the
+//! in-kernel irqchip (PIC master and slave, IOAPIC: `KVM_GET_IRQCHIP`) and
+//! PIT (`KVM_GET_PIT2`); [`VmState::create_devices`] recreates them in a new
+//! VM before its vCPUs. Guest memory is not part of either (the VMM copies
+//! or shares it), nor are the VMM's own devices, irqfds and GSI routes.
 //!
 //! # Fresh vCPUs
 //!
@@ -214,6 +215,8 @@ mod tag {
     pub const EVENTS: u32 = 10;
     pub const TSC_KHZ: u32 = 11;
     pub const CLOCK: u32 = 100;
+    pub const IRQCHIP: u32 = 101;
+    pub const PIT: u32 = 102;
 }
 
 impl VcpuState {
