@@ -90,18 +90,7 @@ fn run(kvm: &Kvm, install: Install) -> (VmStats, u64) {
     let vm = Vm::new(kvm, memfile, opts).unwrap();
     let layout = BootLayout::new(DEFAULT_RAM_BASE, RAM, 1).unwrap();
     let space = vm.space();
-    space
-        .map(
-            MapOpts::anonymous(BOOT_SIZE)
-                .fixed(0)
-                .perms(Perms::ALL)
-                .precommit()
-                .name("boot"),
-        )
-        .unwrap();
-    for (gpa, bytes) in layout.boot_image(SUM_PAGES).unwrap() {
-        space.write_with(gpa, &bytes, IoOpts::FORCE).unwrap();
-    }
+    layout.map_boot_region(space, SUM_PAGES).unwrap();
     space
         .map(
             MapOpts::anonymous(RAM)

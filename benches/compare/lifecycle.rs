@@ -21,10 +21,10 @@ use guestmm::kvm::{
     WorkingSetMode,
 };
 use guestmm::memfile::{MemoryFile, MemoryFileOptions};
-use guestmm::mm::{IoOpts, MapOpts};
+use guestmm::mm::MapOpts;
 use guestmm::snapshot::HEADER_SIZE;
 use guestmm::uffd::{Features, Userfaultfd};
-use guestmm::vmm::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
+use guestmm::vmm::boot::{BootLayout, EntryArgs, DEFAULT_RAM_BASE};
 use guestmm::vmm::guests::{self, Guest};
 use guestmm::vmm::lifecycle::{run_until, RunOutcome, LIFECYCLE_MARK};
 use guestmm::{Access, Perms};
@@ -64,20 +64,9 @@ fn boot(kvm: &Kvm, guest: &Guest, ram: u64, cow: CowMode) -> Booted {
     )
     .expect("vm");
     let space = vm.space().clone();
-    space
-        .map(
-            MapOpts::anonymous(BOOT_SIZE)
-                .fixed(0)
-                .perms(Perms::ALL)
-                .precommit()
-                .name("boot"),
-        )
-        .expect("map boot");
-    for (gpa, bytes) in layout.boot_image(guest.image).expect("boot image") {
-        space
-            .write_with(gpa, &bytes, IoOpts::FORCE)
-            .expect("write boot");
-    }
+    layout
+        .map_boot_region(&space, guest.image)
+        .expect("boot region");
     space
         .map(
             MapOpts::anonymous(ram)

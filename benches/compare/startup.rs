@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use guestmm::kvm::{Action, ExitHandler, Vcpu, Vm, VmOptions};
 use guestmm::memfile::{MemoryFile, MemoryFileOptions};
-use guestmm::mm::{IoOpts, MapOpts};
-use guestmm::vmm::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
+use guestmm::mm::MapOpts;
+use guestmm::vmm::boot::{BootLayout, EntryArgs, DEFAULT_RAM_BASE};
 use guestmm::vmm::guests;
 use guestmm::Perms;
 use kvm_ioctls::Kvm;
@@ -56,20 +56,9 @@ fn guestmm_startup(kvm: &Kvm, ram: u64, eager: bool) -> Duration {
         Arc::new(MemoryFile::new("startup", MemoryFileOptions::default()).expect("memfile"));
     let vm = Vm::new(kvm, memfile, VmOptions::default()).expect("vm");
     let space = vm.space().clone();
-    space
-        .map(
-            MapOpts::anonymous(BOOT_SIZE)
-                .fixed(0)
-                .perms(Perms::ALL)
-                .precommit()
-                .name("boot"),
-        )
-        .expect("map boot");
-    for (gpa, bytes) in layout.boot_image(guest.image).expect("boot image") {
-        space
-            .write_with(gpa, &bytes, IoOpts::FORCE)
-            .expect("write boot");
-    }
+    layout
+        .map_boot_region(&space, guest.image)
+        .expect("boot region");
     let mut map = MapOpts::anonymous(ram)
         .fixed(layout.ram_base())
         .perms(Perms::ALL)

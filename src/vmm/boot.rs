@@ -159,6 +159,9 @@ const fn round_up(x: u64, align: u64) -> u64 {
 /// What can go wrong when laying out or starting a guest.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
+    /// Mapping or writing the boot region failed.
+    #[error("boot region: {0}")]
+    Memory(#[from] crate::mm::MmError),
     /// RAM base or size is not a multiple of 2 MiB.
     #[error("RAM [{base:#x}, +{size:#x}) is not 2 MiB aligned")]
     RamNotAligned {
@@ -335,6 +338,25 @@ impl BootLayout {
                 index,
                 vcpus: self.vcpus,
             });
+        }
+        Ok(())
+    }
+
+    /// Maps the boot region into `space` at 0 (a precommitted read-write-
+    /// execute vma named `boot`: page tables must be in a memslot from the
+    /// first instruction) and writes [`boot_image`](Self::boot_image)`(code)`
+    /// into it.
+    pub fn map_boot_region(&self, space: &crate::mm::AddressSpace, code: &[u8]) -> Result<()> {
+        let image = self.boot_image(code)?;
+        space.map(
+            crate::mm::MapOpts::anonymous(BOOT_SIZE)
+                .fixed(0)
+                .perms(crate::Perms::ALL)
+                .precommit()
+                .name("boot"),
+        )?;
+        for (gpa, bytes) in image {
+            space.write_with(gpa, &bytes, crate::mm::IoOpts::FORCE)?;
         }
         Ok(())
     }

@@ -15,14 +15,14 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 
-use super::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
+use super::boot::{BootLayout, EntryArgs, DEFAULT_RAM_BASE};
 use super::guests::Guest;
 use crate::kvm::{
     CowMode, KvmStats, KvmStatsReader, MemoryViolation, MergePolicy, VcpuStop, Vm, VmOptions,
     VmStats,
 };
 use crate::memfile::{MemoryFile, MemoryFileOptions};
-use crate::mm::{AddressSpaceOptions, IoOpts, MapOpts, Mappable, MapsEntry, Stats};
+use crate::mm::{AddressSpaceOptions, MapOpts, Mappable, MapsEntry, Stats};
 use crate::perms::Perms;
 use crate::range::HUGE_PAGE_SIZE;
 
@@ -423,16 +423,7 @@ pub(crate) fn new_guest_vm(
         },
     )?;
     let space = vm.space();
-    space.map(
-        MapOpts::anonymous(BOOT_SIZE)
-            .fixed(0)
-            .perms(Perms::ALL)
-            .precommit()
-            .name("boot"),
-    )?;
-    for (gpa, bytes) in layout.boot_image(guest.image)? {
-        space.write_with(gpa, &bytes, IoOpts::FORCE)?;
-    }
+    layout.map_boot_region(space, guest.image)?;
     let mut ram = MapOpts::anonymous(ram_size)
         .fixed(layout.ram_base())
         .perms(Perms::ALL)

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use guestmm::kvm::{Vcpu, Vm, VmOptions};
 use guestmm::memfile::{MemoryFile, MemoryFileOptions};
-use guestmm::mm::{IoOpts, MapOpts};
-use guestmm::vmm::boot::{BootLayout, EntryArgs, BOOT_SIZE, DEFAULT_RAM_BASE};
+use guestmm::mm::MapOpts;
+use guestmm::vmm::boot::{BootLayout, EntryArgs, DEFAULT_RAM_BASE};
 use guestmm::Perms;
 use kvm_ioctls::Kvm;
 
@@ -32,18 +32,7 @@ pub fn boot_vm(
     let vm = Vm::new(kvm, memfile, opts.vm).unwrap();
     let layout = BootLayout::new(DEFAULT_RAM_BASE, ram, vcpus).unwrap();
     let space = vm.space();
-    space
-        .map(
-            MapOpts::anonymous(BOOT_SIZE)
-                .fixed(0)
-                .perms(Perms::ALL)
-                .precommit()
-                .name("boot"),
-        )
-        .unwrap();
-    for (gpa, bytes) in layout.boot_image(code).unwrap() {
-        space.write_with(gpa, &bytes, IoOpts::FORCE).unwrap();
-    }
+    layout.map_boot_region(space, code).unwrap();
     space
         .map(
             MapOpts::anonymous(ram)
