@@ -551,6 +551,32 @@ impl SlotTable {
     }
 
     /// True if `plan` fits under the slot limit.
+    /// The plan of installing `want` over `range` (`protected`: as
+    /// write-protected copy-on-write memory), or `None` if the table already
+    /// shows exactly that (counted as a redundant install).
+    ///
+    /// Errors: [`BackendError::OutOfSlots`] if the plan needs more slots
+    /// than the limit (nothing changed).
+    ///
+    /// # Preconditions
+    /// - `st` is the locked state.
+    fn plan_new_install_locked(
+        st: &mut SlotState,
+        range: GuestRange,
+        want: &Installed,
+        protected: bool,
+    ) -> Result<Option<Plan>, BackendError> {
+        if shows_locked(st, range, want, protected) {
+            st.stats.redundant_installs += 1;
+            return Ok(None);
+        }
+        let plan = Self::plan_install_locked(st, range, want.writable);
+        if !Self::fits(st, &plan) {
+            return Err(BackendError::OutOfSlots { limit: st.limit });
+        }
+        Ok(Some(plan))
+    }
+
     fn fits(st: &SlotState, plan: &Plan) -> bool {
         st.slots.len() - plan.delete.len() + plan.add.len() <= st.limit
     }
@@ -719,14 +745,9 @@ impl AddressSpaceBackend for SlotTable {
             file_offset,
             writable,
         };
-        if shows_locked(&st, range, &want, false) {
-            st.stats.redundant_installs += 1;
+        let Some(plan) = Self::plan_new_install_locked(&mut st, range, &want, false)? else {
             return Ok(());
-        }
-        let plan = Self::plan_install_locked(&st, range, writable);
-        if !Self::fits(&st, &plan) {
-            return Err(BackendError::OutOfSlots { limit: st.limit });
-        }
+        };
         self.map_locked(&mut st, range, fd, want, writable)?;
         // The new mapping is unprotected: wake writers blocked on the old.
         self.unprotected_locked(&mut st, range);

@@ -26,7 +26,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use super::{shows_locked, SlotState, SlotTable};
+use super::{SlotState, SlotTable};
 use crate::mm::backend::{BackendError, Installed};
 use crate::range::{GuestRange, Range};
 use crate::segment::SegmentValue;
@@ -105,14 +105,9 @@ impl SlotTable {
             file_offset,
             writable: true,
         };
-        if shows_locked(&st, range, &want, true) {
-            st.stats.redundant_installs += 1;
+        let Some(plan) = Self::plan_new_install_locked(&mut st, range, &want, true)? else {
             return Ok(());
-        }
-        let plan = Self::plan_install_locked(&st, range, true);
-        if !Self::fits(&st, &plan) {
-            return Err(BackendError::OutOfSlots { limit: st.limit });
-        }
+        };
         // Read-only until protected: a slot may already cover the range.
         self.map_locked(&mut st, range, fd, want, false)?;
         st.wp.remove_range(range);
