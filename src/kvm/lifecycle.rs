@@ -26,8 +26,8 @@ use crate::memfile::MemoryFile;
 use crate::mm::{HostFile, MapOpts, Mappable, MmError};
 use crate::range::GuestRange;
 use crate::snapshot::{
-    self, working_set_path, BaseRef, DiffOf, SaveReport, SaveRequest, Snapshot, SnapshotError,
-    SnapshotKind, WorkingSet,
+    self, working_set_path, DiffOf, SaveReport, SaveRequest, Snapshot, SnapshotError, SnapshotKind,
+    WorkingSet,
 };
 
 /// Errors of snapshots, restores and clones.
@@ -241,22 +241,15 @@ impl Vm {
                 if !self.space().is_dirty_tracking() {
                     return Err(LifecycleError::NotTracking);
                 }
-                let meta = Snapshot::open(base)?.meta().clone();
+                let base_ref = Snapshot::open(base)?.base_ref();
                 let tracked = self.diff_base_locked().as_ref().map(|b| b.id);
-                if tracked != Some(meta.id) {
+                if tracked != Some(base_ref.id) {
                     return Err(LifecycleError::NotTrackedSince {
                         path: base.clone(),
-                        id: meta.id,
+                        id: base_ref.id,
                     });
                 }
-                let file_name = base
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                Some(BaseRef {
-                    id: meta.id,
-                    file_name,
-                })
+                Some(base_ref)
             }
         };
         let _paused = self.pause()?;
